@@ -1,0 +1,91 @@
+"""One frozen settings object, read from the environment at entry points and passed down.
+
+S3 credentials and endpoints are NOT here: boto3 reads the standard AWS
+variables and config files (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_REGION, ...)
+itself, so they never pass through s3ferry's own objects, messages or tables.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+TiB = 1024 * GiB
+
+_UNITS = {"": 1, "b": 1, "k": KiB, "kb": 1000, "kib": KiB, "m": MiB, "mb": 1000**2, "mib": MiB,
+          "g": GiB, "gb": 1000**3, "gib": GiB, "t": TiB, "tb": 1000**4, "tib": TiB}
+
+DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/s3ferry"
+DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything s3ferry reads from its environment (`S3FERRY_*`)."""
+
+    #: SQLAlchemy URL of the state database (the source of truth).
+    database_url: str = DEFAULT_DATABASE_URL
+    #: Celery broker: where part tasks wait.
+    broker_url: str = DEFAULT_BROKER_URL
+    #: Celery result backend: where the chord counts finished parts.
+    result_backend: str = DEFAULT_RESULT_BACKEND
+    #: Celery queue the part and completion tasks go to.
+    queue: str = "s3ferry"
+    #: Default part size of new uploads (raised automatically past 10,000 parts).
+    part_size: int = 32 * MiB
+    #: Retries of one part (transient errors) before its upload fails.
+    max_retries: int = 8
+    #: How long a worker's claim on a part lasts without being renewed.
+    lease_seconds: int = 900
+    #: Backoff of part retries: base and cap, in seconds (full jitter).
+    retry_backoff_base: float = 1.0
+    retry_backoff_max: float = 120.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for field in dataclasses.fields(cls):
+            raw = env.get("S3FERRY_" + field.name.upper())
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(field.name, raw, type(field.default))
+        return cls(**values)
+
+
+def _parse(name: str, raw: str, kind: type) -> object:
+    if kind is str:
+        return raw
+    if name == "part_size":
+        return parse_size(raw)
+    try:
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"S3FERRY_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def parse_size(text: str) -> int:
+    """'32MiB', '32M', '64mb', '5368709120' -> bytes. K/M/G/T alone are binary (as rclone and aws)."""
+    cleaned = text.strip().lower().replace(" ", "")
+    number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = cleaned[len(number):]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"invalid size {text!r}: expected a number with an optional unit, like 32MiB") from None
+    if unit not in _UNITS or value < 0:
+        raise ValueError(f"invalid size {text!r}: expected a number with an optional unit, like 32MiB")
+    return int(value * _UNITS[unit])
+
+
+def format_size(n: float) -> str:
+    """Bytes as a short human string: 1.5 GiB."""
+    for unit, scale in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"

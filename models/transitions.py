@@ -1,0 +1,215 @@
+"""The one module that changes a status.
+
+Every change is a guarded statement (`UPDATE ... WHERE status IN (...)
+RETURNING`), taken under a row lock so the event it writes names the exact
+status it left. A move the state machine does not allow raises
+`InvalidTransition` and changes nothing. Callers pass a session inside a
+transaction (`Database.transaction()`); nothing here commits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import uuid
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+from models.exceptions import InvalidTransition, UploadNotFound
+from models.states import PART_MOVES, UPLOAD_MOVES, PartStatus, UploadStatus
+from models.tables import Part, Upload, UploadEvent, utcnow
+
+
+@dataclasses.dataclass(frozen=True)
+class PartSpec:
+    """One planned part: its number, and the byte range of the source it covers."""
+
+    number: int
+    offset: int
+    size: int
+
+
+def create_upload(session: orm.Session, upload: Upload, parts: Sequence[PartSpec], reason: str) -> Upload:
+    """Insert a new upload (queued) and all its parts (pending)."""
+    upload.id = upload.id or uuid.uuid4()
+    upload.status = UploadStatus.QUEUED
+    upload.total_parts = len(parts)
+    session.add(upload)
+    session.flush()
+    if parts:
+        session.execute(
+            sa.insert(Part),
+            [{"upload_id": upload.id, "part_number": p.number, "offset": p.offset, "size": p.size,
+              "status": PartStatus.PENDING, "attempts": 0} for p in parts],
+        )
+    _record(session, upload.id, None, UploadStatus.QUEUED, reason)
+    return upload
+
+
+# --- uploads --------------------------------------------------------------------------
+
+
+def start_upload(session: orm.Session, upload_id: uuid.UUID, s3_upload_id: str | None, reason: str) -> None:
+    now = utcnow()
+    _move_upload(session, upload_id, UploadStatus.IN_PROGRESS, reason,
+                 s3_upload_id=s3_upload_id, started_at=now)
+
+
+def begin_completing(session: orm.Session, upload_id: uuid.UUID, reason: str) -> None:
+    _move_upload(session, upload_id, UploadStatus.COMPLETING, reason)
+
+
+def mark_complete(session: orm.Session, upload_id: uuid.UUID, etag: str | None, reason: str) -> None:
+    _move_upload(session, upload_id, UploadStatus.COMPLETE, reason, etag=etag, finished_at=utcnow())
+
+
+def fail_upload(session: orm.Session, upload_id: uuid.UUID, error: str) -> None:
+    _move_upload(session, upload_id, UploadStatus.FAILED, error, last_error=error, finished_at=utcnow())
+
+
+def _move_upload(session: orm.Session, upload_id: uuid.UUID, to: UploadStatus, reason: str,
+                 **values: object) -> UploadStatus:
+    current = session.execute(
+        sa.select(Upload.status).where(Upload.id == upload_id).with_for_update()
+    ).scalar_one_or_none()
+    if current is None:
+        raise UploadNotFound(f"no upload with id {upload_id}")
+    allowed = UPLOAD_MOVES[to]
+    if current not in allowed:
+        raise InvalidTransition(f"upload {upload_id} is {current}; it cannot become {to}")
+    moved = session.execute(
+        sa.update(Upload)
+        .where(Upload.id == upload_id, Upload.status.in_(allowed))
+        .values(status=to, updated_at=utcnow(), **values)
+        .returning(Upload.id)
+    ).first()
+    if moved is None:  # pragma: no cover - the row lock makes this unreachable
+        raise InvalidTransition(f"upload {upload_id} changed while becoming {to}")
+    _record(session, upload_id, current, to, reason)
+    return UploadStatus(current)
+
+
+# --- parts ----------------------------------------------------------------------------
+
+
+class ClaimOutcome(enum.Enum):
+    CLAIMED = "claimed"  # the caller holds the part until its lease expires
+    DONE = "done"  # the part already landed: nothing to send
+    HELD = "held"  # another worker holds a live lease on it
+    INACTIVE = "inactive"  # the upload is not in progress (failed, paused, cancelled, ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    outcome: ClaimOutcome
+    part: Part
+    upload: Upload
+
+
+def claim_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
+               lease_seconds: float) -> Claim:
+    """Claim a part before reading any byte of it: pending, failed, or in flight with an expired lease."""
+    upload = session.execute(
+        sa.select(Upload).where(Upload.id == upload_id).with_for_update(read=True)
+    ).scalar_one_or_none()
+    if upload is None:
+        raise UploadNotFound(f"no upload with id {upload_id}")
+    part = _lock_part(session, upload_id, number)
+    now = utcnow()
+    if part.status == PartStatus.DONE:
+        return Claim(ClaimOutcome.DONE, part, upload)
+    if upload.status != UploadStatus.IN_PROGRESS:
+        return Claim(ClaimOutcome.INACTIVE, part, upload)
+    if part.status == PartStatus.IN_FLIGHT and part.worker != worker and not _expired(part.lease_expires_at, now):
+        return Claim(ClaimOutcome.HELD, part, upload)
+    reason = "claimed" if part.status != PartStatus.IN_FLIGHT else f"lease of {part.worker} expired; reclaimed"
+    claimed = _move_part(session, part, PartStatus.IN_FLIGHT, f"{reason} by {worker}",
+                         worker=worker, lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
+                         started_at=now, attempts=Part.attempts + 1)
+    return Claim(ClaimOutcome.CLAIMED, claimed, upload)
+
+
+def finish_part(session: orm.Session, upload_id: uuid.UUID, number: int, etag: str,
+                checksum: str | None, reason: str) -> Part:
+    """Record a part that landed in S3. Recording the same ETag again is a no-op."""
+    part = _lock_part(session, upload_id, number)
+    if part.status == PartStatus.DONE:
+        if part.etag != etag:
+            raise InvalidTransition(
+                f"part {number} of upload {upload_id} is done with ETag {part.etag}, not {etag}")
+        return part
+    return _move_part(session, part, PartStatus.DONE, reason, etag=etag, checksum=checksum,
+                      worker=None, lease_expires_at=None, finished_at=utcnow(), last_error=None)
+
+
+def release_for_retry(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
+                      error: str) -> Part | None:
+    """Give back a claim after a transient error; counts the retry on the part and the upload.
+
+    Returns None when the caller no longer held the part (its lease expired and
+    someone else took it, or it is done): there is nothing for it to retry.
+    """
+    part = _lock_part(session, upload_id, number)
+    if part.status != PartStatus.IN_FLIGHT or part.worker != worker:
+        return None
+    now = utcnow()
+    session.execute(
+        sa.update(Upload).where(Upload.id == upload_id)
+        .values(retry_count=Upload.retry_count + 1, last_retry_at=now, last_error=error, updated_at=now)
+    )
+    return _move_part(session, part, PartStatus.PENDING, f"retry: {error}", worker=None,
+                      lease_expires_at=None, last_error=error)
+
+
+def fail_part(session: orm.Session, upload_id: uuid.UUID, number: int, error: str) -> Part:
+    part = _lock_part(session, upload_id, number)
+    return _move_part(session, part, PartStatus.FAILED, error, worker=None, lease_expires_at=None,
+                      last_error=error, finished_at=utcnow())
+
+
+def _lock_part(session: orm.Session, upload_id: uuid.UUID, number: int) -> Part:
+    part = session.execute(
+        sa.select(Part).where(Part.upload_id == upload_id, Part.part_number == number)
+        .with_for_update().execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if part is None:
+        raise UploadNotFound(f"upload {upload_id} has no part {number}")
+    return part
+
+
+def _move_part(session: orm.Session, part: Part, to: PartStatus, reason: str, **values: object) -> Part:
+    current = PartStatus(part.status)
+    allowed = PART_MOVES[to]
+    if current not in allowed:
+        raise InvalidTransition(
+            f"part {part.part_number} of upload {part.upload_id} is {current}; it cannot become {to}")
+    moved = session.execute(
+        sa.update(Part)
+        .where(Part.upload_id == part.upload_id, Part.part_number == part.part_number,
+               Part.status.in_(allowed))
+        .values(status=to, **values)
+        .returning(Part)
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if moved is None:  # pragma: no cover - the row lock makes this unreachable
+        raise InvalidTransition(f"part {part.part_number} of upload {part.upload_id} changed meanwhile")
+    _record(session, part.upload_id, current, to, reason, part=part.part_number)
+    return moved
+
+
+def _expired(deadline: dt.datetime | None, now: dt.datetime) -> bool:
+    if deadline is None:
+        return True
+    if deadline.tzinfo is None:  # SQLite gives naive datetimes back; we only ever store UTC
+        deadline = deadline.replace(tzinfo=dt.UTC)
+    return deadline <= now
+
+
+def _record(session: orm.Session, upload_id: uuid.UUID, frm: str | None, to: str, reason: str,
+            part: int | None = None) -> None:
+    session.add(UploadEvent(upload_id=upload_id, part_number=part, from_status=frm, to_status=to,
+                            reason=reason[:4000]))
+

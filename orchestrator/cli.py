@@ -1,0 +1,174 @@
+"""The `s3ferry` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+
+from models import migrate
+from models.db import Database
+from models.exceptions import S3FerryError, UserError
+from models.settings import Settings, format_size, parse_size
+from models.states import UploadStatus
+from orchestrator import progress, submit
+from workers import logs
+
+log = logging.getLogger("s3ferry")
+
+EXIT_FAILED = 1  # the upload (or command) failed
+EXIT_USAGE = 2  # bad input: nothing was changed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.add_context(logging.getLogger())
+    try:
+        settings = Settings.from_env()
+        return int(args.run(args, settings) or 0)
+    except UserError as error:
+        print(f"s3ferry: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except (S3FerryError, ValueError) as error:
+        print(f"s3ferry: error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="s3ferry", description=(
+        "Resumable, distributed uploads of very large files to S3-compatible storage."))
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    upload = commands.add_parser("upload", help="upload a file to s3://bucket/key")
+    upload.add_argument("source", help="path of the file to upload")
+    upload.add_argument("destination", help="s3://bucket/key (a key ending in / gets the file's name)")
+    upload.add_argument("--part-size", type=_size, default=None,
+                        help="part size, 5MiB..5GiB (default: S3FERRY_PART_SIZE or 32MiB)")
+    upload.add_argument("--max-retries", type=int, default=None, help="retries per part before the upload fails")
+    upload.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    upload.add_argument("--no-wait", action="store_true", help="print the upload id and return at once")
+    upload.set_defaults(run=_upload)
+
+    status = commands.add_parser("status", help="show an upload's progress")
+    status.add_argument("upload_id", type=_upload_id)
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(run=_status)
+
+    worker = commands.add_parser("worker", help="run a Celery worker that uploads parts")
+    worker.add_argument("--concurrency", "-c", type=int, default=4, help="parts sent in parallel (default 4)")
+    worker.add_argument("--loglevel", "-l", default="INFO")
+    worker.add_argument("--hostname", "-n", default=None, help="Celery node name (default s3ferry@HOST)")
+    worker.set_defaults(run=_worker)
+
+    db = commands.add_parser("db", help="database schema")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_commands.add_parser("upgrade", help="create or migrate the schema to the newest version").set_defaults(
+        run=_db_upgrade)
+    db_commands.add_parser("current", help="print the schema version").set_defaults(run=_db_current)
+    return parser
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _upload_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid upload id (a UUID)") from None
+
+
+def _upload(args: argparse.Namespace, settings: Settings) -> int:
+    db = Database(settings.database_url)
+    done = submit.submit(settings, db, args.source, args.destination, part_size=args.part_size,
+                         max_retries=args.max_retries, priority=args.priority)
+    if done.plan.adjusted:
+        print(f"s3ferry: note: {done.plan.describe_adjustment()}", file=sys.stderr)
+    print(done.upload_id, flush=True)
+    print(f"uploading {format_size(done.size)} to {done.destination} in {len(done.plan.parts)} part(s) "
+          f"of {format_size(done.plan.part_size)}", file=sys.stderr)
+    if args.no_wait:
+        return 0
+    return wait(db, done.upload_id)
+
+
+def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.5) -> int:
+    """Show a progress bar until the upload completes (0) or fails (1)."""
+    meter = progress.RateMeter()
+    tty = sys.stderr.isatty()
+    last_line = 0.0
+    try:
+        while True:
+            snap = progress.snapshot(db, upload_id)
+            meter.add(snap.bytes_done)
+            now = time.monotonic()
+            if tty:
+                print("\r" + progress.render(snap, meter) + "\x1b[K", end="", file=sys.stderr, flush=True)
+            elif now - last_line >= 10 or snap.finished:
+                print(progress.render(snap, meter), file=sys.stderr, flush=True)
+                last_line = now
+            if snap.finished:
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        print(f"\ns3ferry: stopped watching; the upload goes on. `s3ferry status {upload_id}` shows it.",
+              file=sys.stderr)
+        return 130
+    if tty:
+        print(file=sys.stderr)
+    if snap.status == UploadStatus.COMPLETE:
+        print(f"complete: {snap.destination} ETag {snap.etag}", file=sys.stderr)
+        return 0
+    print(f"s3ferry: upload {snap.status}: {snap.last_error}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _status(args: argparse.Namespace, settings: Settings) -> int:
+    snap = progress.snapshot(Database(settings.database_url), args.upload_id)
+    if args.json:
+        print(json.dumps(snap.as_dict(), indent=2))
+        return 0
+    width = max(len(k) for k in snap.as_dict())
+    for key, value in snap.as_dict().items():
+        print(f"{key:<{width}}  {'' if value is None else value}")
+    return 0
+
+
+def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.app import app
+
+    argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}",
+            f"--queues={settings.queue}"]
+    if args.hostname:
+        argv.append(f"--hostname={args.hostname}")
+    app.worker_main(argv)
+    return 0
+
+
+def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    revision = migrate.upgrade(settings.database_url)
+    print(f"database at revision {revision} (head {migrate.head()})")
+    return 0
+
+
+def _db_current(args: argparse.Namespace, settings: Settings) -> int:
+    print(migrate.current(settings.database_url) or "empty (run `s3ferry db upgrade`)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

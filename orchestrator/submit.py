@@ -1,0 +1,164 @@
+"""submit(): validate, fingerprint, record, CreateMultipartUpload, dispatch the chord.
+
+Everything that can be checked is checked before anything is written: bad
+input, an unreachable database or broker, or a missing bucket changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+from collections.abc import Iterable
+
+import botocore.exceptions
+from celery import chord
+
+from models import transitions
+from models.db import Database
+from models.exceptions import S3FerryError, UserError
+from models.settings import Settings
+from models.tables import Upload
+from orchestrator import destination, plan, source
+from workers import s3
+
+log = logging.getLogger(__name__)
+
+
+class BrokerUnavailable(S3FerryError):
+    """The Celery broker cannot be reached."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """A checked request: the source exists and is readable, the destination and plan are valid."""
+
+    source: source.Source
+    destination: destination.Destination
+    plan: plan.Plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Submitted:
+    upload_id: uuid.UUID
+    destination: destination.Destination
+    plan: plan.Plan
+    size: int
+    s3_upload_id: str | None
+    endpoint_url: str | None
+
+
+def submit(settings: Settings, db: Database, source_path: str, destination_uri: str, *,
+           part_size: int | None = None, max_retries: int | None = None, priority: int = 0) -> Submitted:
+    """Check everything, record the upload, create it in S3 and dispatch its chord."""
+    request = validate(settings, source_path, destination_uri, part_size)
+    check_broker(settings)
+    prepared = prepare(settings, db, request, max_retries=max_retries, priority=priority)
+    try:
+        dispatch(prepared.upload_id, [p.number for p in prepared.plan.parts])
+    except Exception as error:
+        _abandon(db, prepared, error)
+        raise
+    log.info("submitted", extra={"upload_id": str(prepared.upload_id), "parts": len(prepared.plan.parts)})
+    return prepared
+
+
+def validate(settings: Settings, source_path: str, destination_uri: str, part_size: int | None = None) -> Request:
+    """Every check that needs no service: raises UserError, touches nothing."""
+    src = source.open_source(source_path)
+    dest = destination.parse(destination_uri, src.path.name)
+    return Request(src, dest, plan.plan_parts(src.size, part_size or settings.part_size))
+
+
+def prepare(settings: Settings, db: Database, request: Request, *, max_retries: int | None = None,
+            priority: int = 0) -> Submitted:
+    """Everything but the dispatch: the upload is in progress in Postgres and in S3, no part sent yet."""
+    src, dest, the_plan = request.source, request.destination, request.plan
+    db.check()
+    client = s3.make_client(retries=3)
+    check_bucket(client, dest.bucket)
+
+    upload = Upload(source_uri=src.uri, source_size=src.size, source_mtime_ns=src.mtime_ns,
+                    source_inode=src.inode, bucket=dest.bucket, key=dest.key,
+                    endpoint_url=client.meta.endpoint_url, part_size=the_plan.part_size, priority=priority,
+                    max_retries=settings.max_retries if max_retries is None else max_retries,
+                    retry_count=0)
+    with db.transaction() as session:
+        upload = transitions.create_upload(session, upload, the_plan.parts, f"submitted {src.path} -> {dest}")
+    s3_upload_id = _create_multipart(db, client, upload)
+    prepared = Submitted(upload.id, dest, the_plan, src.size, s3_upload_id, upload.endpoint_url)
+    try:
+        with db.transaction() as session:
+            transitions.start_upload(session, upload.id, s3_upload_id, "multipart upload created")
+    except Exception as error:
+        _abandon(db, prepared, error)
+        raise
+    return prepared
+
+
+def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int]) -> None:
+    """One chord: a task per part, then the completion callback. Ids only in the messages."""
+    from workers import tasks  # the Celery app is configured from the environment on import
+
+    header = [tasks.upload_part.si(str(upload_id), n) for n in part_numbers]
+    result = chord(header)(tasks.complete_upload.s(str(upload_id)))
+    # Nobody waits on the result here (Postgres is watched instead): drop the result
+    # backend's subscription now rather than in a finalizer at interpreter exit.
+    result.backend.remove_pending_result(result)
+
+
+def check_broker(settings: Settings) -> None:
+    from workers.app import app
+
+    try:
+        with app.connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+    except Exception as error:
+        where = app.connection_for_write().as_uri()  # kombu masks the password
+        raise BrokerUnavailable(f"cannot reach the broker at {where}: {error}") from None
+
+
+def check_bucket(client: object, bucket: str) -> None:
+    try:
+        client.head_bucket(Bucket=bucket)  # type: ignore[attr-defined]
+    except botocore.exceptions.ClientError as error:
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if status == 404 or s3.error_code(error) in ("404", "NoSuchBucket"):
+            raise UserError(f"bucket {bucket!r} does not exist") from None
+        if status == 403:
+            log.warning("cannot check bucket %s (403); going on: uploads need only PutObject rights", bucket)
+            return
+        raise UserError(f"checking bucket {bucket!r} failed: {s3.describe(error)}") from None
+    except (botocore.exceptions.BotoCoreError, ValueError) as error:
+        raise UserError(f"cannot reach S3 to check bucket {bucket!r}: {s3.describe(error)}") from None
+
+
+def _create_multipart(db: Database, client: object, upload: Upload) -> str | None:
+    if upload.source_size == 0:
+        return None  # a 0-byte file is one PutObject
+    try:
+        response = client.create_multipart_upload(  # type: ignore[attr-defined]
+            Bucket=upload.bucket, Key=upload.key, ChecksumAlgorithm="CRC32C")
+    except Exception as error:
+        message = f"CreateMultipartUpload failed: {s3.describe(error)}"
+        with db.transaction() as session:
+            transitions.fail_upload(session, upload.id, message)
+        raise UserError(message) from None
+    return str(response["UploadId"])
+
+
+def _abandon(db: Database, prepared: Submitted, error: Exception) -> None:
+    """Dispatch failed after the multipart upload was created: abort it so nothing is left billed."""
+    context = {"upload_id": str(prepared.upload_id)}
+    log.error("submit failed after CreateMultipartUpload (%s); aborting it", error, extra=context)
+    if prepared.s3_upload_id:
+        try:
+            s3.make_client(prepared.endpoint_url, retries=3).abort_multipart_upload(
+                Bucket=prepared.destination.bucket, Key=prepared.destination.key, UploadId=prepared.s3_upload_id)
+        except Exception as abort_error:  # the sweeper will find it
+            log.error("abort failed: %s", s3.describe(abort_error), extra=context)
+    try:
+        with db.transaction() as session:
+            transitions.fail_upload(session, prepared.upload_id, f"submit failed: {error}")
+    except S3FerryError as db_error:
+        log.error("could not record the failure: %s", db_error, extra=context)

@@ -1,0 +1,175 @@
+"""Fixtures: real Postgres, Redis, moto's S3 server over HTTP, and a real s3ferry worker.
+
+Where the servers come from (first that applies):
+- S3FERRY_TEST_POSTGRES_URL / S3FERRY_TEST_REDIS_URL, if set;
+- the local servers on 127.0.0.1:5432 and :6379, if something listens there;
+- otherwise servers the tests start themselves (initdb + postgres, redis-server).
+Each run gets its own database (created, migrated, dropped), its own Redis db
+numbers (S3FERRY_TEST_REDIS_DBS, default "14,15"; flushed before and after)
+and its own buckets on a moto server it starts on a free port.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import boto3
+import pytest
+import redis
+import sqlalchemy as sa
+
+from models import migrate
+from models.db import Database
+from tests import services
+
+AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE",
+           "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("services")
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("S3FERRY_TEST_POSTGRES_URL")
+    if url:
+        yield url
+    elif services.listening("127.0.0.1", 5432):
+        yield "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    else:
+        server, url = services.start_postgres(tmp_path_factory.mktemp("postgres"))
+        with services.running(server):
+            yield url
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = os.environ.get("S3FERRY_TEST_REDIS_URL")
+    if url:
+        yield url.rstrip("/")
+    elif services.listening("127.0.0.1", 6379):
+        yield "redis://127.0.0.1:6379"
+    else:
+        server, url = services.start_redis(tmp_path_factory.mktemp("redis"))
+        with services.running(server):
+            yield url
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_url: str) -> Iterator[str]:
+    """A fresh, migrated database for this test run; dropped at the end."""
+    url = sa.make_url(postgres_url).set(database=f"s3ferry_test_{uuid.uuid4().hex[:10]}")
+    rendered = url.render_as_string(hide_password=False)
+    migrate.upgrade(rendered)
+    yield rendered
+    drop_database(url)
+
+
+def drop_database(url: sa.URL) -> None:
+    admin = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{url.database}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def redis_urls(redis_url: str) -> Iterator[tuple[str, str]]:
+    """Broker and result backend URLs on this run's own Redis db numbers."""
+    broker_db, backend_db = os.environ.get("S3FERRY_TEST_REDIS_DBS", "14,15").split(",")
+    urls = (f"{redis_url}/{broker_db}", f"{redis_url}/{backend_db}")
+    for url in urls:
+        redis.Redis.from_url(url).flushdb()
+    yield urls
+    for url in urls:
+        redis.Redis.from_url(url).flushdb()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(workdir: Path) -> Iterator[str]:
+    server, endpoint = services.start_moto(workdir)
+    with services.running(server):
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
+def service_env(database_url: str, redis_urls: tuple[str, str], s3_endpoint: str) -> Iterator[dict[str, str]]:
+    """The environment s3ferry runs in during the tests; also applied to this process."""
+    env = {key: value for key, value in os.environ.items() if key not in CLEARED and not key.startswith("S3FERRY_")}
+    env.update(AWS_ENV)
+    env.update({"AWS_ENDPOINT_URL": s3_endpoint, "S3FERRY_DATABASE_URL": database_url,
+                "S3FERRY_BROKER_URL": redis_urls[0], "S3FERRY_RESULT_BACKEND": redis_urls[1],
+                "S3FERRY_RETRY_BACKOFF_BASE": "0.2", "S3FERRY_RETRY_BACKOFF_MAX": "2"})
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    _configure_loaded_app(env)
+    yield env
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _configure_loaded_app(env: dict[str, str]) -> None:
+    """If the Celery app was imported before the environment was set, point it at the test broker."""
+    import sys
+
+    loaded = sys.modules.get("workers.app")
+    if loaded is not None:
+        loaded.app.conf.update(broker_url=env["S3FERRY_BROKER_URL"], result_backend=env["S3FERRY_RESULT_BACKEND"])
+
+
+@pytest.fixture(scope="session")
+def worker(workdir: Path, service_env: dict[str, str]) -> Iterator[services.Server]:
+    server = services.start_worker(workdir, service_env, "worker", concurrency=2)
+    with services.running(server):
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3(service_env: dict[str, str], s3_endpoint: str):  # type: ignore[no-untyped-def]
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.fixture
+def bucket(s3) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    yield name
+    for upload in s3.list_multipart_uploads(Bucket=name).get("Uploads", []):
+        s3.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
+    for obj in s3.list_objects_v2(Bucket=name).get("Contents", []):
+        s3.delete_object(Bucket=name, Key=obj["Key"])
+    s3.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def db(database_url: str) -> Iterator[Database]:
+    database = Database(database_url)
+    yield database
+    database.dispose()
+
+
+def write_random(path: Path, size: int) -> str:
+    """Write `size` random bytes to `path`; return their SHA-256."""
+    digest = hashlib.sha256()
+    with open(path, "wb") as out:
+        for offset in range(0, size, 1024 * 1024):
+            chunk = os.urandom(min(1024 * 1024, size - offset))
+            out.write(chunk)
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_of_object(s3, bucket: str, key: str) -> str:  # type: ignore[no-untyped-def]
+    digest = hashlib.sha256()
+    for chunk in s3.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1024 * 1024):
+        digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,45 @@
+"""Helpers of the integration tests."""
+
+from __future__ import annotations
+
+import base64
+import subprocess
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import crc32c
+
+from models import queries
+from models.db import Database
+from models.states import UploadStatus
+from tests import services
+
+S3FERRY = str(services.BIN / "s3ferry")
+MiB = 1024 * 1024
+
+
+def run_cli(args: Sequence[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([S3FERRY, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def wait_status(db: Database, upload_id: uuid.UUID, statuses: Sequence[str], timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with db.transaction() as session:
+            status = queries.get_upload(session, upload_id).status
+        if status in statuses:
+            return str(status)
+        time.sleep(0.2)
+    raise TimeoutError(f"upload {upload_id} still {status} after {timeout}s, waiting for {statuses}")
+
+
+FINISHED = (UploadStatus.COMPLETE, UploadStatus.FAILED, UploadStatus.CANCELLED)
+
+
+def crc32c_b64(path: Path, offset: int, size: int) -> str:
+    with open(path, "rb") as source:
+        source.seek(offset)
+        value = crc32c.crc32c(source.read(size))
+    return base64.b64encode(value.to_bytes(4, "big")).decode()

@@ -1,0 +1,87 @@
+"""The Celery app, with settings chosen for long, idempotent part uploads.
+
+`celery -A workers.app worker` and `s3ferry worker` both run it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery, signals
+
+from models.settings import Settings
+from workers import logs, runtime
+
+log = logging.getLogger(__name__)
+
+#: How long a part task may run. A part is at most 5 GiB: at 10 MB/s that is ~9 minutes;
+#: one hour leaves room for slow links. The soft limit raises inside the task first,
+#: so its claim is released and the part retried rather than lost.
+TASK_TIME_LIMIT = 3600
+TASK_SOFT_TIME_LIMIT = 3300
+
+#: Redis redelivers an unacknowledged message after this long (measured from when a
+#: worker RECEIVED it). It must exceed the task time limit, or a long part would run
+#: twice at once. Dead workers are not waited for: their claims expire in Postgres
+#: (lease) and the reconciler re-dispatches their parts.
+VISIBILITY_TIMEOUT = 2 * TASK_TIME_LIMIT
+
+#: Chord counters live in the result backend and expire with results: keep them for as
+#: long as an upload may take (paused or stalled ones included). Never 0.
+RESULT_EXPIRES = 7 * 24 * 3600
+
+
+def make_app(settings: Settings) -> Celery:
+    app = Celery("s3ferry", broker=settings.broker_url, backend=settings.result_backend,
+                 include=["workers.tasks"])
+    app.conf.update(
+        task_default_queue=settings.queue,
+        # Messages carry ids only: JSON, never pickle.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # Acknowledge a part after it landed, not when it was received: a worker that dies
+        # mid-part leaves its message to be delivered again (the claim makes that harmless).
+        task_acks_late=True,
+        # A pool process killed mid-part (OOM, SIGKILL) requeues its message instead of
+        # marking the part failed, which would fail the whole chord.
+        task_reject_on_worker_lost=True,
+        # Each process reserves one message at a time: parts wait in the queue, where an idle
+        # worker (or a new pod) can take them, instead of in one busy worker's prefetch.
+        worker_prefetch_multiplier=1,
+        task_time_limit=TASK_TIME_LIMIT,
+        task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
+        broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        result_expires=RESULT_EXPIRES,
+        result_extended=False,
+        task_track_started=True,
+        # Flower and the event stream see sent/started/succeeded parts.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        # Keep working through a broker blip instead of cancelling parts mid-flight.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        worker_hijack_root_logger=True,
+    )
+    return app
+
+
+app = make_app(Settings.from_env())
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    # Never share the parent's database pool or S3 connections with a forked child.
+    runtime.reset()
+
+
+@signals.worker_process_shutdown.connect
+def _at_exit(**_: object) -> None:
+    runtime.reset()
+
+
+@signals.after_setup_logger.connect
+@signals.after_setup_task_logger.connect
+def _context_in_logs(logger: logging.Logger, **_: object) -> None:
+    logs.add_context(logger)

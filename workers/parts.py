@@ -1,0 +1,140 @@
+"""Sending one part: claim it, stream its byte range to S3 with a CRC32C, record it.
+
+Plain functions, testable without Celery; `workers.tasks` only maps their
+outcomes to Celery (a result, or a retry after `RetryLater.seconds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import uuid
+
+from models import transitions
+from models.exceptions import DatabaseError, InvalidTransition, S3FerryError
+from models.tables import Part, Upload
+from workers import reader, retry, s3
+from workers.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class RetryLater(S3FerryError):
+    """Try this part again later."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
+
+
+class PartFailed(S3FerryError):
+    """The part failed for good, and its upload with it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PartResult:
+    """What a part task returns to the chord: small, ids and digests only."""
+
+    part: int
+    etag: str | None = None
+    checksum: str | None = None
+    skipped: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
+    """Upload part `number` of `upload_id` unless it is done, held by another worker, or moot."""
+    context = {"upload_id": str(upload_id), "part": number}
+    try:
+        with rt.db.transaction() as session:
+            claim = transitions.claim_part(session, upload_id, number, rt.worker_id, rt.settings.lease_seconds)
+    except DatabaseError as error:
+        raise RetryLater(str(error), _wait(rt, 3)) from error
+    part, upload = claim.part, claim.upload
+    if claim.outcome is transitions.ClaimOutcome.DONE:
+        log.info("part already done; not sending it again", extra=context)
+        return PartResult(number, part.etag, part.checksum)
+    if claim.outcome is transitions.ClaimOutcome.INACTIVE:
+        log.info("upload is %s; part not sent", upload.status, extra=context)
+        return PartResult(number, skipped=f"upload is {upload.status}")
+    if claim.outcome is transitions.ClaimOutcome.HELD:
+        raise RetryLater(f"part {number} is held by {part.worker}", min(30.0, rt.settings.lease_seconds))
+
+    try:
+        etag, checksum = transfer(rt, upload, part)
+    except reader.SourceChanged as error:
+        _fail(rt, upload, number, str(error))
+    except s3.PermanentS3Error as error:
+        _fail(rt, upload, number, str(error))
+    except s3.TransientS3Error as error:
+        _retry_or_fail(rt, upload, part, str(error))
+    except OSError as error:  # reading the source failed (I/O error, file shrank, ...)
+        _fail(rt, upload, number, f"reading the source failed: {error}")
+
+    try:
+        with rt.db.transaction() as session:
+            transitions.finish_part(session, upload_id, number, etag, checksum, f"landed ({rt.worker_id})")
+    except DatabaseError as error:
+        # The part landed but is not recorded: send it again later (S3 keeps the latest copy).
+        raise RetryLater(f"part landed but could not be recorded: {error}", _wait(rt, 3)) from error
+    log.info("part done", extra={**context, "etag": etag})
+    return PartResult(number, etag, checksum)
+
+
+def transfer(rt: Runtime, upload: Upload, part: Part) -> tuple[str, str]:
+    """Stream the part's byte range to S3 with its CRC32C; returns (ETag, checksum)."""
+    path = reader.path_from_uri(upload.source_uri)
+    fingerprint = (upload.source_size, upload.source_mtime_ns, upload.source_inode)
+    reader.check_unchanged(path, *fingerprint)
+    client = rt.s3(upload.endpoint_url)
+    with reader.RangeReader(path, part.offset, part.size) as body:
+        checksum = reader.crc32c_of(body)
+        args = {"Bucket": upload.bucket, "Key": upload.key, "Body": body, "ContentLength": part.size,
+                "ChecksumCRC32C": checksum}
+        try:
+            if upload.s3_upload_id is None:
+                response = client.put_object(**args)
+            else:
+                response = client.upload_part(UploadId=upload.s3_upload_id, PartNumber=part.part_number, **args)
+        except Exception as error:
+            raise s3.classify(error) from error
+    # A file rewritten while it was read is never stitched into the object.
+    reader.check_unchanged(path, *fingerprint)
+    returned = response.get("ChecksumCRC32C")
+    if returned and returned != checksum:
+        raise s3.TransientS3Error(f"S3 computed CRC32C {returned}, we sent {checksum}")
+    return response["ETag"], checksum
+
+
+def _retry_or_fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
+    """After a transient error: release the claim and retry later, unless retries are exhausted."""
+    number = part.part_number
+    if part.attempts > upload.max_retries:
+        _fail(rt, upload, number, f"{error} (gave up after {part.attempts} attempts)")
+    with rt.db.transaction() as session:
+        released = transitions.release_for_retry(session, upload.id, number, rt.worker_id, error)
+    if released is None:
+        raise RetryLater(f"part {number} was taken over while failing: {error}", _wait(rt, 1))
+    seconds = _wait(rt, part.attempts)
+    log.warning("part failed (%s); retry %d/%d in %.1fs", error, part.attempts, upload.max_retries, seconds,
+                extra={"upload_id": str(upload.id), "part": number})
+    raise RetryLater(error, seconds)
+
+
+def _fail(rt: Runtime, upload: Upload, number: int, error: str) -> None:
+    """Fail the part and its upload, and raise PartFailed."""
+    message = f"part {number}: {error}"
+    with rt.db.transaction() as session:
+        transitions.fail_part(session, upload.id, number, error)
+        try:
+            transitions.fail_upload(session, upload.id, message)
+        except InvalidTransition:
+            pass  # another part failed it first
+    log.error("upload failed: %s", message, extra={"upload_id": str(upload.id), "part": number})
+    raise PartFailed(message)
+
+
+def _wait(rt: Runtime, attempt: int) -> float:
+    return retry.backoff(attempt, rt.settings.retry_backoff_base, rt.settings.retry_backoff_max)

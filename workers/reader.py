@@ -1,0 +1,117 @@
+"""Source readers: a bounded, seekable view of one byte range of a file, and its checksum.
+
+A worker never holds a whole part: botocore reads the body in small blocks as
+it sends, and seeks back to its start if it has to resend.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+from urllib.parse import unquote, urlparse
+from urllib.request import url2pathname
+
+import crc32c
+
+BLOCK = 1024 * 1024
+
+
+class RangeReader(io.RawIOBase):
+    """Bytes [offset, offset + size) of `path`, as a file of `size` bytes."""
+
+    def __init__(self, path: str | os.PathLike[str], offset: int, size: int) -> None:
+        super().__init__()
+        self._file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self._offset = offset
+        self._size = size
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        target = base + pos
+        if target < 0:
+            raise ValueError(f"negative seek position {target}")
+        self._pos = min(target, self._size)
+        return self._pos
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        want = min(len(buffer), self._size - self._pos)
+        if want <= 0:
+            return 0
+        view = memoryview(buffer).cast("B")[:want]
+        got = os.preadv(self._file.fileno(), [view], self._offset + self._pos)
+        if got == 0:
+            raise OSError(f"source ended early: expected {self._size} bytes from offset {self._offset}")
+        self._pos += got
+        return got
+
+    def read(self, size: int = -1) -> bytes:
+        remaining = self._size - self._pos
+        size = remaining if size is None or size < 0 else min(size, remaining)
+        if size <= 0:
+            return b""
+        data = os.pread(self._file.fileno(), size, self._offset + self._pos)
+        if not data:
+            raise OSError(f"source ended early: expected {self._size} bytes from offset {self._offset}")
+        self._pos += len(data)
+        return data
+
+    def close(self) -> None:
+        if not self.closed:
+            self._file.close()
+        super().close()
+
+
+def crc32c_of(reader: RangeReader) -> str:
+    """Base64 CRC32C of the whole range (the form S3's ChecksumCRC32C takes); rewinds the reader."""
+    reader.seek(0)
+    value = 0
+    buffer = bytearray(BLOCK)
+    view = memoryview(buffer)
+    while n := reader.readinto(buffer):
+        value = crc32c.crc32c(view[:n], value=value)
+    reader.seek(0)
+    return base64.b64encode(value.to_bytes(4, "big")).decode("ascii")
+
+
+class SourceChanged(Exception):
+    """The source file changed since it was submitted."""
+
+
+def path_from_uri(uri: str) -> str:
+    """`file:///data/a%20b.mp4` -> `/data/a b.mp4`."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise SourceChanged(f"unsupported source {uri!r}: only file:// sources can be read")
+    return url2pathname(unquote(parsed.path))
+
+
+def check_unchanged(path: str, size: int, mtime_ns: int, inode: int) -> None:
+    """Raise SourceChanged unless the file still has the fingerprint taken at submit."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise SourceChanged(f"source {path} no longer exists") from None
+    except OSError as error:
+        raise SourceChanged(f"source {path} cannot be read: {error.strerror}") from None
+    changes = [
+        f"{name} {before} -> {after}"
+        for name, before, after in (("size", size, info.st_size), ("mtime_ns", mtime_ns, info.st_mtime_ns),
+                                    ("inode", inode, info.st_ino))
+        if before != after
+    ]
+    if changes:
+        raise SourceChanged(f"source {path} changed since submit ({', '.join(changes)})")

@@ -1,0 +1,112 @@
+"""The S3 client, and which S3 errors are worth retrying.
+
+Credentials, region and endpoint come from the standard AWS sources
+(environment, config files, instance roles): they never pass through s3ferry.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from botocore.client import BaseClient
+
+from models.exceptions import S3FerryError, UserError
+
+#: S3 error codes that say "try again later".
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+    "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
+    "BadDigest", "XAmzContentChecksumMismatch", "OperationAborted",
+})
+
+#: botocore's network-level failures (connection refused/reset, timeouts, truncated reads).
+TRANSIENT_EXCEPTIONS = (
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+)
+
+
+class S3Error(S3FerryError):
+    """S3 refused the request."""
+
+
+class TransientS3Error(S3Error):
+    """S3 failed in a way that may pass: retry with backoff."""
+
+
+class PermanentS3Error(S3Error):
+    """S3 refused in a way that retrying will not change."""
+
+
+def error_code(error: BaseException) -> str:
+    if isinstance(error, botocore.exceptions.ClientError):
+        return str(error.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+def describe(error: BaseException) -> str:
+    """S3's own message, one line: 'NoSuchUpload: The specified upload does not exist...'."""
+    if isinstance(error, botocore.exceptions.ClientError):
+        details = error.response.get("Error", {})
+        code = details.get("Code") or error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        message = details.get("Message") or ""
+        return f"{code}: {message}".strip().rstrip(":")
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
+def classify(error: BaseException) -> S3Error:
+    """Map a botocore error to TransientS3Error or PermanentS3Error."""
+    if isinstance(error, TRANSIENT_EXCEPTIONS):
+        return TransientS3Error(describe(error))
+    if isinstance(error, botocore.exceptions.ClientError):
+        status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        if error_code(error) in TRANSIENT_CODES or status >= 500 or status == 429:
+            return TransientS3Error(describe(error))
+        return PermanentS3Error(describe(error))
+    if isinstance(error, botocore.exceptions.NoCredentialsError):
+        return PermanentS3Error("no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
+    return PermanentS3Error(describe(error))
+
+
+def client_config(retries: int, pool: int = 16) -> botocore.config.Config:
+    return botocore.config.Config(
+        signature_version="s3v4",
+        # The body is sent once, as read: no extra SHA-256 pass for the signature (we send
+        # our own CRC32C, which S3 checks), and no default CRC32 pass by botocore.
+        s3={"payload_signing_enabled": False},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        # Workers pass 1 attempt: their retries are counted in Postgres, with backoff.
+        retries={"total_max_attempts": retries, "mode": "standard"},
+        connect_timeout=10,
+        read_timeout=120,
+        max_pool_connections=pool,
+        tcp_keepalive=True,
+    )
+
+
+_lock = threading.Lock()
+
+
+@functools.cache
+def _session_for_pid(pid: int) -> boto3.session.Session:
+    return boto3.session.Session()
+
+
+def make_client(endpoint_url: str | None = None, retries: int = 1) -> BaseClient:
+    """A new S3 client from the standard AWS configuration (one per process, after a fork)."""
+    with _lock:
+        session = _session_for_pid(os.getpid())
+        try:
+            return session.client("s3", endpoint_url=endpoint_url or None, config=client_config(retries))
+        except botocore.exceptions.NoRegionError:
+            raise UserError("no AWS region configured: set AWS_REGION (any value for MinIO or moto)") from None
+        except ValueError as error:
+            raise UserError(f"invalid S3 endpoint {endpoint_url!r}: {error}") from None
