@@ -102,9 +102,13 @@ def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int]) -> None:
 
     header = [tasks.upload_part.si(str(upload_id), n) for n in part_numbers]
     result = chord(header)(tasks.complete_upload.s(str(upload_id)))
-    # Nobody waits on the result here (Postgres is watched instead): drop the result
-    # backend's subscription now rather than in a finalizer at interpreter exit.
-    result.backend.remove_pending_result(result)
+    # Nobody waits on these results (Postgres is watched instead). Celery's Redis backend
+    # subscribed to each task's result channel on publish: drop those subscriptions now,
+    # not in AsyncResult finalizers at interpreter exit (which fail noisily then).
+    consumer = result.backend.result_consumer
+    if hasattr(consumer, "subscribed_to"):
+        consumer.subscribed_to.clear()
+        consumer.stop()
 
 
 def check_broker(settings: Settings) -> None:
