@@ -61,6 +61,9 @@ def wrap_errors(url: sa.URL) -> Iterator[None]:
     except (exc.OperationalError, exc.InterfaceError) as error:
         if _missing_table(error):
             raise DatabaseError(_no_schema(url)) from error
+        if f'database "{url.database}" does not exist' in str(error.orig):
+            raise DatabaseError(f"the database ({describe(url)}) does not exist: run `s3ferry db upgrade`, "
+                                "which creates it") from error
         raise DatabaseUnavailable(f"cannot reach the database ({describe(url)}): {_reason(error, url)}") from error
     except exc.ProgrammingError as error:
         if _missing_table(error):

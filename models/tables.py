@@ -59,7 +59,7 @@ class Upload(Base):
     bucket: orm.Mapped[str] = orm.mapped_column(sa.String(63))
     key: orm.Mapped[str] = orm.mapped_column(sa.String(1024))
     endpoint_url: orm.Mapped[str | None] = orm.mapped_column(sa.String(2048))
-    #: S3's multipart upload id; NULL for a 0-byte source (one PutObject).
+    #: S3's multipart upload id; NULL when the file is one part (sent with one PutObject).
     s3_upload_id: orm.Mapped[str | None] = orm.mapped_column(sa.String(1024))
     part_size: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
     total_parts: orm.Mapped[int] = orm.mapped_column(sa.Integer)

@@ -10,7 +10,6 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from models import migrate
 from models.db import Database
 from models.exceptions import S3FerryError, UserError
 from models.settings import Settings, format_size, parse_size
@@ -106,7 +105,7 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
     return wait(db, done.upload_id)
 
 
-def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.5) -> int:
+def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25) -> int:
     """Show a progress bar until the upload completes (0) or fails (1)."""
     meter = progress.RateMeter()
     tty = sys.stderr.isatty()
@@ -160,12 +159,16 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:
+    from models import migrate  # Alembic is slow to import: only the db commands need it
+
     revision = migrate.upgrade(settings.database_url)
     print(f"database at revision {revision} (head {migrate.head()})")
     return 0
 
 
 def _db_current(args: argparse.Namespace, settings: Settings) -> int:
+    from models import migrate
+
     print(migrate.current(settings.database_url) or "empty (run `s3ferry db upgrade`)")
     return 0
 

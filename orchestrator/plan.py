@@ -49,7 +49,7 @@ def check_object_size(size: int) -> None:
 def plan_parts(size: int, part_size: int = DEFAULT_PART_SIZE) -> Plan:
     """Cut `size` bytes into parts of `part_size` (the last one shorter).
 
-    A 0-byte file is one empty part, sent as a single PutObject. If the plan
+    A 0-byte file is one empty part. A one-part plan is sent as a single PutObject. If the plan
     would exceed 10,000 parts, the part size is raised to the next MiB that fits.
     """
     check_part_size(part_size)

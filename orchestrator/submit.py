@@ -138,8 +138,8 @@ def check_bucket(client: object, bucket: str) -> None:
 
 
 def _create_multipart(db: Database, client: object, upload: Upload) -> str | None:
-    if upload.source_size == 0:
-        return None  # a 0-byte file is one PutObject
+    if upload.total_parts == 1:
+        return None  # one part (a 0-byte file included) is one PutObject: no multipart upload to create
     try:
         response = client.create_multipart_upload(  # type: ignore[attr-defined]
             Bucket=upload.bucket, Key=upload.key, ChecksumAlgorithm="CRC32C")

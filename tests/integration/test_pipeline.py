@@ -51,3 +51,39 @@ def test_a_permanent_part_error_fails_the_upload_and_messages_carry_ids_only(  #
         [body for _, body in published], default=str)
     for secret in ("testing", service_env["AWS_ENDPOINT_URL"], str(path), "X-Amz-Signature"):
         assert secret not in everything
+
+
+def test_transient_errors_are_retried_by_the_worker_and_counted(  # type: ignore[no-untyped-def]
+        worker, service_env, s3, s3_endpoint, bucket, db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connections reset on the way to S3: parts retry with backoff (Celery retry), the upload completes."""
+    from urllib.parse import urlparse
+
+    from models import queries
+    from tests.conftest import sha256_of_object
+    from tests.faults import FlakyProxy
+
+    upstream = urlparse(s3_endpoint)
+    proxy = FlakyProxy(upstream.hostname, upstream.port)
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the upload is bound to the proxy's endpoint
+        settings = Settings.from_env()
+        path = tmp_path / "flaky.bin"
+        sha256 = write_random(path, 16 * MiB)
+        request = submit.validate(settings, str(path), f"s3://{bucket}/flaky.bin", 5 * MiB)
+        prepared = submit.prepare(settings, db, request)
+        proxy.reset_next(3)
+        submit.dispatch(prepared.upload_id, [p.number for p in prepared.plan.parts])
+
+        assert wait_status(db, prepared.upload_id, FINISHED) == UploadStatus.COMPLETE
+    finally:
+        proxy.close()
+    assert proxy.resets_done == 3
+    assert sha256_of_object(s3, bucket, "flaky.bin") == sha256
+    with db.transaction() as session:
+        upload = queries.get_upload(session, prepared.upload_id)
+        rows = queries.parts(session, prepared.upload_id)
+        retries = [e for e in queries.events(session, prepared.upload_id) if (e.reason or "").startswith("retry:")]
+    assert upload.retry_count == 3 == len(retries)
+    assert sum(p.attempts for p in rows) == len(rows) + 3
+    assert upload.last_retry_at is not None and upload.last_error
+    assert all(p.status == "done" and p.last_error is None for p in rows)
