@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 
 KiB = 1024
@@ -40,11 +41,17 @@ class Settings:
     part_size: int = 32 * MiB
     #: Retries of one part (transient errors) before its upload fails.
     max_retries: int = 8
-    #: How long a worker's claim on a part lasts without being renewed.
-    lease_seconds: int = 900
+    #: How long a worker's claim on a part lasts without being renewed (it is renewed every
+    #: third of this while the part is sent): how soon a dead worker's part is taken over.
+    lease_seconds: int = 120
     #: Backoff of part retries: base and cap, in seconds (full jitter).
     retry_backoff_base: float = 1.0
     retry_backoff_max: float = 120.0
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{f.name}={mask_password(str(getattr(self, f.name)))!r}" if f.name.endswith(("_url", "backend"))
+                           else f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"Settings({fields})"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -56,6 +63,11 @@ class Settings:
                 continue
             values[field.name] = _parse(field.name, raw, type(field.default))
         return cls(**values)
+
+
+def mask_password(url: str) -> str:
+    """`scheme://user:secret@host/...` -> `scheme://user:***@host/...`."""
+    return re.sub(r"(://[^:/@\s]*:)[^@/\s]+@", r"\1***@", url)
 
 
 def _parse(name: str, raw: str, kind: type) -> object:

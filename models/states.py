@@ -44,6 +44,7 @@ UPLOAD_MOVES: dict[UploadStatus, frozenset[UploadStatus]] = {
 PART_MOVES: dict[PartStatus, frozenset[PartStatus]] = {
     # claim: a fresh part, a failed one being retried, or one whose lease expired
     PartStatus.IN_FLIGHT: frozenset({PartStatus.PENDING, PartStatus.FAILED, PartStatus.IN_FLIGHT}),
+    # from in_flight: the holder recorded it; from pending/failed: S3 ListParts proved it landed
     PartStatus.DONE: frozenset({PartStatus.IN_FLIGHT, PartStatus.PENDING, PartStatus.FAILED}),
     PartStatus.PENDING: frozenset({PartStatus.IN_FLIGHT}),
     PartStatus.FAILED: frozenset({PartStatus.IN_FLIGHT}),

@@ -72,11 +72,7 @@ def fail_upload(session: orm.Session, upload_id: uuid.UUID, error: str) -> None:
 
 def _move_upload(session: orm.Session, upload_id: uuid.UUID, to: UploadStatus, reason: str,
                  **values: object) -> UploadStatus:
-    current = session.execute(
-        sa.select(Upload.status).where(Upload.id == upload_id).with_for_update()
-    ).scalar_one_or_none()
-    if current is None:
-        raise UploadNotFound(f"no upload with id {upload_id}")
+    current = _lock_upload(session, upload_id, write=True).status
     allowed = UPLOAD_MOVES[to]
     if current not in allowed:
         raise InvalidTransition(f"upload {upload_id} is {current}; it cannot become {to}")
@@ -112,11 +108,7 @@ class Claim:
 def claim_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
                lease_seconds: float) -> Claim:
     """Claim a part before reading any byte of it: pending, failed, or in flight with an expired lease."""
-    upload = session.execute(
-        sa.select(Upload).where(Upload.id == upload_id).with_for_update(read=True)
-    ).scalar_one_or_none()
-    if upload is None:
-        raise UploadNotFound(f"no upload with id {upload_id}")
+    upload = _lock_upload(session, upload_id, write=False)
     part = _lock_part(session, upload_id, number)
     now = utcnow()
     if part.status == PartStatus.DONE:
@@ -132,42 +124,91 @@ def claim_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: 
     return Claim(ClaimOutcome.CLAIMED, claimed, upload)
 
 
-def finish_part(session: orm.Session, upload_id: uuid.UUID, number: int, etag: str,
-                checksum: str | None, reason: str) -> Part:
-    """Record a part that landed in S3. Recording the same ETag again is a no-op."""
+def renew_lease(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
+                lease_seconds: float) -> bool:
+    """Extend the caller's claim; False if it no longer holds the part."""
+    renewed = session.execute(
+        sa.update(Part)
+        .where(Part.upload_id == upload_id, Part.part_number == number, Part.status == PartStatus.IN_FLIGHT,
+               Part.worker == worker)
+        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+        .returning(Part.part_number)
+    ).first()
+    return renewed is not None
+
+
+def finish_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str, etag: str,
+                checksum: str | None, reason: str) -> Part | None:
+    """Record a part that the caller, holding its claim, sent to S3.
+
+    Recording the same ETag again is a no-op. Returns None, recording nothing,
+    when the caller's claim was taken over meanwhile (its lease expired).
+    """
+    _lock_upload(session, upload_id, write=False)
     part = _lock_part(session, upload_id, number)
     if part.status == PartStatus.DONE:
         if part.etag != etag:
             raise InvalidTransition(
                 f"part {number} of upload {upload_id} is done with ETag {part.etag}, not {etag}")
         return part
+    if part.status != PartStatus.IN_FLIGHT or part.worker != worker:
+        return None
     return _move_part(session, part, PartStatus.DONE, reason, etag=etag, checksum=checksum,
                       worker=None, lease_expires_at=None, finished_at=utcnow(), last_error=None)
 
 
 def release_for_retry(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
-                      error: str) -> Part | None:
-    """Give back a claim after a transient error; counts the retry on the part and the upload.
+                      error: str, counted: bool = True) -> Part | None:
+    """Give back a claim after an error worth retrying.
 
-    Returns None when the caller no longer held the part (its lease expired and
-    someone else took it, or it is done): there is nothing for it to retry.
+    `counted` retries add to the part's attempts and the upload's retry count;
+    uncounted ones (the send never started: an outage, a shutdown) give the
+    attempt back. Returns None when the caller no longer held the part.
     """
+    _lock_upload(session, upload_id, write=True)
     part = _lock_part(session, upload_id, number)
     if part.status != PartStatus.IN_FLIGHT or part.worker != worker:
         return None
     now = utcnow()
-    session.execute(
-        sa.update(Upload).where(Upload.id == upload_id)
-        .values(retry_count=Upload.retry_count + 1, last_retry_at=now, last_error=error, updated_at=now)
-    )
-    return _move_part(session, part, PartStatus.PENDING, f"retry: {error}", worker=None,
-                      lease_expires_at=None, last_error=error)
+    values: dict[str, object] = {"last_error": error, "updated_at": now}
+    if counted:
+        values.update(retry_count=Upload.retry_count + 1, last_retry_at=now)
+    session.execute(sa.update(Upload).where(Upload.id == upload_id).values(**values))
+    return _move_part(session, part, PartStatus.PENDING, f"{'retry' if counted else 'released'}: {error}",
+                      worker=None, lease_expires_at=None, last_error=error,
+                      attempts=Part.attempts if counted else Part.attempts - 1)
 
 
-def fail_part(session: orm.Session, upload_id: uuid.UUID, number: int, error: str) -> Part:
+def release_claims(session: orm.Session, worker: str, reason: str) -> int:
+    """Give back every claim `worker` holds, uncounted (it is shutting down); returns how many."""
+    held = session.execute(
+        sa.select(Part.upload_id, Part.part_number)
+        .where(Part.status == PartStatus.IN_FLIGHT, Part.worker == worker)
+        .order_by(Part.upload_id, Part.part_number)
+    ).all()
+    return sum(release_for_retry(session, upload_id, number, worker, reason, counted=False) is not None
+               for upload_id, number in held)
+
+
+def fail_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str, error: str) -> Part | None:
+    """Fail a part the caller holds (for good: its upload fails with it); None if it no longer holds it."""
+    _lock_upload(session, upload_id, write=True)
     part = _lock_part(session, upload_id, number)
+    if part.status != PartStatus.IN_FLIGHT or part.worker != worker:
+        return None
     return _move_part(session, part, PartStatus.FAILED, error, worker=None, lease_expires_at=None,
                       last_error=error, finished_at=utcnow())
+
+
+def _lock_upload(session: orm.Session, upload_id: uuid.UUID, write: bool) -> Upload:
+    """Every transition locks the upload row first, then part rows: one lock order, no deadlocks."""
+    upload = session.execute(
+        sa.select(Upload).where(Upload.id == upload_id).with_for_update(read=not write)
+        .execution_options(populate_existing=True)
+    ).scalar_one_or_none()
+    if upload is None:
+        raise UploadNotFound(f"no upload with id {upload_id}")
+    return upload
 
 
 def _lock_part(session: orm.Session, upload_id: uuid.UUID, number: int) -> Part:

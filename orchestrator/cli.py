@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import uuid
@@ -148,6 +149,9 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    # SIGTERM (docker stop, Kubernetes) -> Celery's soft shutdown: parts in flight get
+    # worker_soft_shutdown_timeout to finish. Read by billiard when the worker starts.
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from workers.app import app
 
     argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}",

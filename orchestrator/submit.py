@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import urllib.parse
 import uuid
 from collections.abc import Iterable
 
@@ -72,28 +73,29 @@ def validate(settings: Settings, source_path: str, destination_uri: str, part_si
 
 def prepare(settings: Settings, db: Database, request: Request, *, max_retries: int | None = None,
             priority: int = 0) -> Submitted:
-    """Everything but the dispatch: the upload is in progress in Postgres and in S3, no part sent yet."""
+    """Everything but the dispatch: the upload is in progress in Postgres and in S3, no part sent yet.
+
+    The multipart upload is created before any row is written, so an S3 refusal
+    writes nothing; if the rows cannot be written, it is aborted again.
+    """
     src, dest, the_plan = request.source, request.destination, request.plan
     db.check()
     client = s3.make_client(retries=3)
     check_bucket(client, dest.bucket)
-
+    s3_upload_id = _create_multipart(client, dest, len(the_plan.parts))
     upload = Upload(source_uri=src.uri, source_size=src.size, source_mtime_ns=src.mtime_ns,
                     source_inode=src.inode, bucket=dest.bucket, key=dest.key,
-                    endpoint_url=client.meta.endpoint_url, part_size=the_plan.part_size, priority=priority,
+                    endpoint_url=recorded_endpoint(client), part_size=the_plan.part_size, priority=priority,
                     max_retries=settings.max_retries if max_retries is None else max_retries,
                     retry_count=0)
-    with db.transaction() as session:
-        upload = transitions.create_upload(session, upload, the_plan.parts, f"submitted {src.path} -> {dest}")
-    s3_upload_id = _create_multipart(db, client, upload)
-    prepared = Submitted(upload.id, dest, the_plan, src.size, s3_upload_id, upload.endpoint_url)
     try:
         with db.transaction() as session:
+            upload = transitions.create_upload(session, upload, the_plan.parts, f"submitted {src.path} -> {dest}")
             transitions.start_upload(session, upload.id, s3_upload_id, "multipart upload created")
-    except Exception as error:
-        _abandon(db, prepared, error)
+    except Exception:
+        _abort(client, dest, s3_upload_id, None)
         raise
-    return prepared
+    return Submitted(upload.id, dest, the_plan, src.size, s3_upload_id, upload.endpoint_url)
 
 
 def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int]) -> None:
@@ -101,14 +103,15 @@ def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int]) -> None:
     from workers import tasks  # the Celery app is configured from the environment on import
 
     header = [tasks.upload_part.si(str(upload_id), n) for n in part_numbers]
-    result = chord(header)(tasks.complete_upload.s(str(upload_id)))
-    # Nobody waits on these results (Postgres is watched instead). Celery's Redis backend
-    # subscribed to each task's result channel on publish: drop those subscriptions now,
-    # not in AsyncResult finalizers at interpreter exit (which fail noisily then).
-    consumer = result.backend.result_consumer
-    if hasattr(consumer, "subscribed_to"):
-        consumer.subscribed_to.clear()
-        consumer.stop()
+    chord(header)(tasks.complete_upload.s(str(upload_id)))
+
+
+def recorded_endpoint(client: object) -> str | None:
+    """The endpoint the upload is bound to: a custom one (MinIO, R2, ...), or None for AWS
+    itself, so that each worker resolves the bucket's regional endpoint on its own."""
+    url = str(client.meta.endpoint_url)  # type: ignore[attr-defined]
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return None if host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn") else url
 
 
 def check_broker(settings: Settings) -> None:
@@ -137,32 +140,36 @@ def check_bucket(client: object, bucket: str) -> None:
         raise UserError(f"cannot reach S3 to check bucket {bucket!r}: {s3.describe(error)}") from None
 
 
-def _create_multipart(db: Database, client: object, upload: Upload) -> str | None:
-    if upload.total_parts == 1:
+def _create_multipart(client: object, dest: destination.Destination, parts: int) -> str | None:
+    if parts == 1:
         return None  # one part (a 0-byte file included) is one PutObject: no multipart upload to create
     try:
         response = client.create_multipart_upload(  # type: ignore[attr-defined]
-            Bucket=upload.bucket, Key=upload.key, ChecksumAlgorithm="CRC32C")
+            Bucket=dest.bucket, Key=dest.key, ChecksumAlgorithm="CRC32C")
     except Exception as error:
-        message = f"CreateMultipartUpload failed: {s3.describe(error)}"
-        with db.transaction() as session:
-            transitions.fail_upload(session, upload.id, message)
-        raise UserError(message) from None
+        raise type(s3.classify(error))(f"CreateMultipartUpload failed: {s3.describe(error)}") from None
     return str(response["UploadId"])
 
 
+def _abort(client: object, dest: destination.Destination, s3_upload_id: str | None, upload_id: uuid.UUID | None
+           ) -> None:
+    if not s3_upload_id:
+        return
+    try:
+        client.abort_multipart_upload(  # type: ignore[attr-defined]
+            Bucket=dest.bucket, Key=dest.key, UploadId=s3_upload_id)
+    except Exception as error:  # the sweeper will find it
+        log.error("could not abort the multipart upload: %s", s3.describe(error),
+                  extra={"upload_id": str(upload_id)})
+
+
 def _abandon(db: Database, prepared: Submitted, error: Exception) -> None:
-    """Dispatch failed after the multipart upload was created: abort it so nothing is left billed."""
-    context = {"upload_id": str(prepared.upload_id)}
-    log.error("submit failed after CreateMultipartUpload (%s); aborting it", error, extra=context)
-    if prepared.s3_upload_id:
-        try:
-            s3.make_client(prepared.endpoint_url, retries=3).abort_multipart_upload(
-                Bucket=prepared.destination.bucket, Key=prepared.destination.key, UploadId=prepared.s3_upload_id)
-        except Exception as abort_error:  # the sweeper will find it
-            log.error("abort failed: %s", s3.describe(abort_error), extra=context)
+    """Dispatch failed after the upload was created: abort it in S3 so nothing is left billed."""
+    log.error("dispatch failed (%s); aborting the upload", error, extra={"upload_id": str(prepared.upload_id)})
+    _abort(s3.make_client(prepared.endpoint_url, retries=3), prepared.destination, prepared.s3_upload_id,
+           prepared.upload_id)
     try:
         with db.transaction() as session:
-            transitions.fail_upload(session, prepared.upload_id, f"submit failed: {error}")
+            transitions.fail_upload(session, prepared.upload_id, f"dispatch failed: {error}")
     except S3FerryError as db_error:
-        log.error("could not record the failure: %s", db_error, extra=context)
+        log.error("could not record the failure: %s", db_error, extra={"upload_id": str(prepared.upload_id)})

@@ -81,15 +81,19 @@ def drop_database(url: sa.URL) -> None:
 
 
 @pytest.fixture(scope="session")
-def redis_urls(redis_url: str) -> Iterator[tuple[str, str]]:
-    """Broker and result backend URLs on this run's own Redis db numbers."""
+def queue() -> str:
+    """This run's own Celery queue: two test runs on one Redis never take each other's tasks."""
+    return f"s3ferry-test-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def redis_urls(redis_url: str, queue: str) -> Iterator[tuple[str, str]]:
+    """Broker and result backend URLs on the test Redis db numbers; this run's keys removed after."""
     broker_db, backend_db = os.environ.get("S3FERRY_TEST_REDIS_DBS", "14,15").split(",")
     urls = (f"{redis_url}/{broker_db}", f"{redis_url}/{backend_db}")
-    for url in urls:
-        redis.Redis.from_url(url).flushdb()
     yield urls
-    for url in urls:
-        redis.Redis.from_url(url).flushdb()
+    broker = redis.Redis.from_url(urls[0])
+    broker.delete(queue, *broker.keys(f"_kombu.binding.{queue}*"))
 
 
 @pytest.fixture(scope="session")
@@ -100,12 +104,13 @@ def s3_endpoint(workdir: Path) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def service_env(database_url: str, redis_urls: tuple[str, str], s3_endpoint: str) -> Iterator[dict[str, str]]:
+def service_env(database_url: str, redis_urls: tuple[str, str], s3_endpoint: str,
+                queue: str) -> Iterator[dict[str, str]]:
     """The environment s3ferry runs in during the tests; also applied to this process."""
     env = {key: value for key, value in os.environ.items() if key not in CLEARED and not key.startswith("S3FERRY_")}
     env.update(AWS_ENV)
     env.update({"AWS_ENDPOINT_URL": s3_endpoint, "S3FERRY_DATABASE_URL": database_url,
-                "S3FERRY_BROKER_URL": redis_urls[0], "S3FERRY_RESULT_BACKEND": redis_urls[1],
+                "S3FERRY_BROKER_URL": redis_urls[0], "S3FERRY_RESULT_BACKEND": redis_urls[1], "S3FERRY_QUEUE": queue,
                 "S3FERRY_RETRY_BACKOFF_BASE": "0.2", "S3FERRY_RETRY_BACKOFF_MAX": "2"})
     saved = dict(os.environ)
     os.environ.clear()
@@ -122,7 +127,11 @@ def _configure_loaded_app(env: dict[str, str]) -> None:
 
     loaded = sys.modules.get("workers.app")
     if loaded is not None:
-        loaded.app.conf.update(broker_url=env["S3FERRY_BROKER_URL"], result_backend=env["S3FERRY_RESULT_BACKEND"])
+        from workers import backend
+
+        loaded.app.conf.update(broker_url=env["S3FERRY_BROKER_URL"],
+                               result_backend=backend.url_for(env["S3FERRY_RESULT_BACKEND"]),
+                               task_default_queue=env["S3FERRY_QUEUE"])
 
 
 @pytest.fixture(scope="session")

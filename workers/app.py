@@ -9,8 +9,9 @@ import logging
 
 from celery import Celery, signals
 
+from models import transitions
 from models.settings import Settings
-from workers import logs, runtime
+from workers import backend, logs, runtime
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +27,21 @@ TASK_SOFT_TIME_LIMIT = 3300
 #: (lease) and the reconciler re-dispatches their parts.
 VISIBILITY_TIMEOUT = 2 * TASK_TIME_LIMIT
 
+#: On SIGTERM (mapped to Celery's cold shutdown by REMAP_SIGTERM=SIGQUIT, which
+#: `s3ferry worker` and the image set), parts in flight get this long to finish before
+#: the worker stops; unfinished ones are requeued and their claims released. Keep it
+#: below the orchestrator's grace period (docker-compose stop_grace_period: 90 s).
+SOFT_SHUTDOWN_TIMEOUT = 60.0
+
 #: Chord counters live in the result backend and expire with results: keep them for as
 #: long as an upload may take (paused or stalled ones included). Never 0.
 RESULT_EXPIRES = 7 * 24 * 3600
 
 
 def make_app(settings: Settings) -> Celery:
-    app = Celery("s3ferry", broker=settings.broker_url, backend=settings.result_backend,
+    # The Redis result backend holds the chord counters; s3ferry's variant skips the
+    # per-task result subscriptions that nobody here waits on (see workers/backend.py).
+    app = Celery("s3ferry", broker=settings.broker_url, backend=backend.url_for(settings.result_backend),
                  include=["workers.tasks"])
     app.conf.update(
         task_default_queue=settings.queue,
@@ -52,7 +61,9 @@ def make_app(settings: Settings) -> Celery:
         task_time_limit=TASK_TIME_LIMIT,
         task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
-        result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
+        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_TIMEOUT,
+        # Also wait when only retries (ETA tasks) are reserved, so they are requeued cleanly.
+        worker_enable_soft_shutdown_on_idle=True,
         result_expires=RESULT_EXPIRES,
         result_extended=False,
         task_track_started=True,
@@ -78,6 +89,17 @@ def _after_fork(**_: object) -> None:
 
 @signals.worker_process_shutdown.connect
 def _at_exit(**_: object) -> None:
+    # Give back the claims this process still holds, so other workers take the parts now
+    # rather than after the lease expires.
+    rt = runtime.current()
+    if rt is not None:
+        try:
+            with rt.db.transaction() as session:
+                released = transitions.release_claims(session, rt.worker_id, "worker shutting down")
+            if released:
+                log.warning("released %d part claim(s) on shutdown", released)
+        except Exception as error:  # noqa: BLE001 - the lease expires anyway
+            log.warning("could not release claims on shutdown: %s", error)
     runtime.reset()
 
 

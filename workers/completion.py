@@ -9,6 +9,7 @@ before every part is done, changes nothing and says so.
 from __future__ import annotations
 
 import binascii
+import datetime as dt
 import hashlib
 import logging
 import uuid
@@ -16,8 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import sqlalchemy as sa
 
-from models import transitions
-from models.exceptions import DatabaseError, InvalidTransition, S3FerryError
+from models import queries, transitions
+from models.exceptions import InvalidTransition, S3FerryError
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload
 from workers import retry, s3
@@ -26,23 +27,27 @@ from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
+CLOCK_SKEW = dt.timedelta(minutes=5)
+
 
 class CompletionFailed(S3FerryError):
     """The upload could not be completed."""
 
 
-def complete(rt: Runtime, upload_id: uuid.UUID, collected: Iterable[Mapping[str, object]]) -> str:
-    """Complete the upload if every part is done; returns its status afterwards."""
+def complete(rt: Runtime, upload_id: uuid.UUID, collected: Iterable[Mapping[str, object]],
+             attempt: int = 0) -> str:
+    """Complete the upload if every part is done; returns its status afterwards.
+
+    `attempt` counts earlier tries of this completion: transient S3 errors retry
+    with backoff up to the upload's max_retries, then fail it.
+    """
     context = {"upload_id": str(upload_id)}
-    try:
-        with rt.db.transaction() as session:
-            upload = session.get(Upload, upload_id)
-            if upload is None:
-                raise CompletionFailed(f"no upload with id {upload_id}")
-            parts = session.scalars(sa.select(Part).where(Part.upload_id == upload_id)
-                                    .order_by(Part.part_number)).all()
-    except DatabaseError as error:
-        raise RetryLater(str(error), retry.backoff(3, 1, 60)) from error
+    with rt.db.transaction() as session:
+        upload = session.get(Upload, upload_id)
+        if upload is None:
+            raise CompletionFailed(f"no upload with id {upload_id}")
+        parts = session.scalars(sa.select(Part).where(Part.upload_id == upload_id)
+                                .order_by(Part.part_number)).all()
 
     if upload.status == UploadStatus.COMPLETE:
         log.info("upload already complete; completion called again, nothing to do", extra=context)
@@ -61,13 +66,21 @@ def complete(rt: Runtime, upload_id: uuid.UUID, collected: Iterable[Mapping[str,
 
     if upload.status == UploadStatus.IN_PROGRESS:
         with rt.db.transaction() as session:
-            transitions.begin_completing(session, upload_id, f"all {len(parts)} parts done")
-    etag = _complete_in_s3(rt, upload, parts)
+            try:
+                transitions.begin_completing(session, upload_id, f"all {len(parts)} parts done")
+            except InvalidTransition:
+                status = queries.get_upload(session, upload_id).status
+                if status != UploadStatus.COMPLETING:  # another callback finished it, or it failed
+                    log.info("upload became %s meanwhile; not completing it", status, extra=context)
+                    return status
+    etag = _complete_in_s3(rt, upload, parts, attempt)
     with rt.db.transaction() as session:
         try:
             transitions.mark_complete(session, upload_id, etag, "object verified with HeadObject")
         except InvalidTransition:
-            log.info("upload was completed concurrently; nothing to do", extra=context)
+            status = queries.get_upload(session, upload_id).status
+            log.info("upload became %s meanwhile", status, extra=context)
+            return status
     log.info("upload complete", extra={**context, "etag": etag})
     return UploadStatus.COMPLETE
 
@@ -87,29 +100,42 @@ def _check_collected(parts: Sequence[Part], collected: Iterable[Mapping[str, obj
     return None
 
 
-def _complete_in_s3(rt: Runtime, upload: Upload, parts: Sequence[Part]) -> str:
+def _complete_in_s3(rt: Runtime, upload: Upload, parts: Sequence[Part], attempt: int) -> str:
     client = rt.s3(upload.endpoint_url)
     expected = expected_etag(parts) if upload.s3_upload_id else parts[0].etag
+    maybe_done_before = False
     if upload.s3_upload_id:
-        listing = [{"PartNumber": p.part_number, "ETag": p.etag, "ChecksumCRC32C": p.checksum} for p in parts]
+        listing = [{"PartNumber": p.part_number, "ETag": p.etag,
+                    **({"ChecksumCRC32C": p.checksum} if p.checksum else {})} for p in parts]
         try:
             client.complete_multipart_upload(Bucket=upload.bucket, Key=upload.key, UploadId=upload.s3_upload_id,
                                              MultipartUpload={"Parts": listing})
         except Exception as error:
             if s3.error_code(error) != "NoSuchUpload":
-                _s3_failed(rt, upload, error)
+                _s3_failed(rt, upload, error, attempt)
             # Completed before, but the record of it was lost? Then the object is there: HeadObject decides.
             log.warning("NoSuchUpload on completion; checking whether the object is already there",
                         extra={"upload_id": str(upload.id)})
+            maybe_done_before = True
     try:
         head = client.head_object(Bucket=upload.bucket, Key=upload.key)
     except Exception as error:
-        _s3_failed(rt, upload, error)
+        _s3_failed(rt, upload, error, attempt)
     if head["ContentLength"] != upload.source_size:
         _fail(rt, upload.id, f"the object is {head['ContentLength']} bytes; the source is {upload.source_size}")
     if expected and head["ETag"] != expected:
         _fail(rt, upload.id, f"the object's ETag is {head['ETag']}; its parts give {expected}")
+    if maybe_done_before and not expected and _older_than_upload(head["LastModified"], upload.started_at):
+        _fail(rt, upload.id, "the multipart upload is gone and the object at the key is older than this upload")
     return head["ETag"]
+
+
+def _older_than_upload(modified: dt.datetime, started: dt.datetime | None) -> bool:
+    """With no ETag to compare, an object older than the upload (minus clock skew) is not ours."""
+    if started is None:
+        return False
+    started = started if started.tzinfo else started.replace(tzinfo=dt.UTC)
+    return modified < started - CLOCK_SKEW
 
 
 def expected_etag(parts: Sequence[Part]) -> str | None:
@@ -125,16 +151,14 @@ def expected_etag(parts: Sequence[Part]) -> str | None:
     return f'"{hashlib.md5(b"".join(digests)).hexdigest()}-{len(parts)}"'  # noqa: S324 - S3's format
 
 
-def _s3_failed(rt: Runtime, upload: Upload, error: Exception) -> None:
+def _s3_failed(rt: Runtime, upload: Upload, error: Exception, attempt: int) -> None:
     classified = s3.classify(error)
-    if isinstance(classified, s3.TransientS3Error):
-        raise RetryLater(str(classified), retry.backoff(2, 1, 60)) from error
+    if isinstance(classified, s3.TransientS3Error) and attempt < upload.max_retries:
+        seconds = retry.backoff(attempt + 1, rt.settings.retry_backoff_base, rt.settings.retry_backoff_max)
+        log.warning("completing failed (%s); retry %d/%d in %.1fs", classified, attempt + 1, upload.max_retries,
+                    seconds, extra={"upload_id": str(upload.id)})
+        raise RetryLater(str(classified), seconds) from error
     _fail(rt, upload.id, f"completing failed: {classified}")
-
-
-def give_up(rt: Runtime, upload_id: uuid.UUID, error: str) -> None:
-    """Fail the upload (if it can still fail) and raise CompletionFailed."""
-    _fail(rt, upload_id, error)
 
 
 def _fail(rt: Runtime, upload_id: uuid.UUID, error: str) -> None:

@@ -10,10 +10,13 @@ import dataclasses
 import logging
 import uuid
 
+from celery.exceptions import SoftTimeLimitExceeded
+
 from models import transitions
-from models.exceptions import DatabaseError, InvalidTransition, S3FerryError
+from models.exceptions import InvalidTransition, S3FerryError
 from models.tables import Part, Upload
 from workers import reader, retry, s3
+from workers.lease import LeaseKeeper
 from workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -45,13 +48,14 @@ class PartResult:
 
 
 def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
-    """Upload part `number` of `upload_id` unless it is done, held by another worker, or moot."""
+    """Upload part `number` of `upload_id` unless it is done, held by another worker, or moot.
+
+    Database errors propagate (the task retries them without counting: Postgres
+    may be restarting); S3 and source errors are handled here.
+    """
     context = {"upload_id": str(upload_id), "part": number}
-    try:
-        with rt.db.transaction() as session:
-            claim = transitions.claim_part(session, upload_id, number, rt.worker_id, rt.settings.lease_seconds)
-    except DatabaseError as error:
-        raise RetryLater(str(error), _wait(rt, 3)) from error
+    with rt.db.transaction() as session:
+        claim = transitions.claim_part(session, upload_id, number, rt.worker_id, rt.settings.lease_seconds)
     part, upload = claim.part, claim.upload
     if claim.outcome is transitions.ClaimOutcome.DONE:
         log.info("part already done; not sending it again", extra=context)
@@ -60,25 +64,27 @@ def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
         log.info("upload is %s; part not sent", upload.status, extra=context)
         return PartResult(number, skipped=f"upload is {upload.status}")
     if claim.outcome is transitions.ClaimOutcome.HELD:
-        raise RetryLater(f"part {number} is held by {part.worker}", min(30.0, rt.settings.lease_seconds))
+        raise RetryLater(f"part {number} is held by {part.worker}", min(30.0, rt.settings.lease_seconds / 2))
 
     try:
-        etag, checksum = transfer(rt, upload, part)
-    except reader.SourceChanged as error:
-        _fail(rt, upload, number, str(error))
-    except s3.PermanentS3Error as error:
-        _fail(rt, upload, number, str(error))
+        with LeaseKeeper(rt, upload_id, number) as lease:
+            etag, checksum = transfer(rt, upload, part)
+    except SoftTimeLimitExceeded:
+        _retry_or_fail(rt, upload, part, "the part ran past the task's soft time limit")
     except s3.TransientS3Error as error:
         _retry_or_fail(rt, upload, part, str(error))
+    except (reader.SourceChanged, s3.PermanentS3Error) as error:
+        _fail(rt, upload, part, str(error))
     except OSError as error:  # reading the source failed (I/O error, file shrank, ...)
-        _fail(rt, upload, number, f"reading the source failed: {error}")
+        _fail(rt, upload, part, f"reading the source failed: {error}")
 
-    try:
-        with rt.db.transaction() as session:
-            transitions.finish_part(session, upload_id, number, etag, checksum, f"landed ({rt.worker_id})")
-    except DatabaseError as error:
-        # The part landed but is not recorded: send it again later (S3 keeps the latest copy).
-        raise RetryLater(f"part landed but could not be recorded: {error}", _wait(rt, 3)) from error
+    if lease.lost:
+        raise RetryLater(f"part {number}: claim lost while sending; not recorded", 1.0)
+    with rt.db.transaction() as session:
+        recorded = transitions.finish_part(session, upload_id, number, rt.worker_id, etag, checksum,
+                                           f"landed ({rt.worker_id})")
+    if recorded is None:
+        raise RetryLater(f"part {number}: claim taken over while sending; not recorded", 1.0)
     log.info("part done", extra={**context, "etag": etag})
     return PartResult(number, etag, checksum)
 
@@ -98,6 +104,8 @@ def transfer(rt: Runtime, upload: Upload, part: Part) -> tuple[str, str]:
                 response = client.put_object(**args)
             else:
                 response = client.upload_part(UploadId=upload.s3_upload_id, PartNumber=part.part_number, **args)
+        except SoftTimeLimitExceeded:
+            raise
         except Exception as error:
             raise s3.classify(error) from error
     # A file rewritten while it was read is never stitched into the object.
@@ -112,7 +120,7 @@ def _retry_or_fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
     """After a transient error: release the claim and retry later, unless retries are exhausted."""
     number = part.part_number
     if part.attempts > upload.max_retries:
-        _fail(rt, upload, number, f"{error} (gave up after {part.attempts} attempts)")
+        _fail(rt, upload, part, f"{error} (gave up after {part.attempts} attempts)")
     with rt.db.transaction() as session:
         released = transitions.release_for_retry(session, upload.id, number, rt.worker_id, error)
     if released is None:
@@ -123,11 +131,13 @@ def _retry_or_fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
     raise RetryLater(error, seconds)
 
 
-def _fail(rt: Runtime, upload: Upload, number: int, error: str) -> None:
+def _fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
     """Fail the part and its upload, and raise PartFailed."""
+    number = part.part_number
     message = f"part {number}: {error}"
     with rt.db.transaction() as session:
-        transitions.fail_part(session, upload.id, number, error)
+        if transitions.fail_part(session, upload.id, number, rt.worker_id, error) is None:
+            raise RetryLater(f"part {number} was taken over while failing: {error}", _wait(rt, 1))
         try:
             transitions.fail_upload(session, upload.id, message)
         except InvalidTransition:

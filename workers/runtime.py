@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import socket
 import threading
 
@@ -24,12 +25,14 @@ class Runtime:
     settings: Settings
     db: Database
     pid: int = dataclasses.field(default_factory=os.getpid)
+    #: unique per process: host names and pids repeat across containers
+    token: str = dataclasses.field(default_factory=lambda: secrets.token_hex(4))
     _clients: dict[str | None, BaseClient] = dataclasses.field(default_factory=dict)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @property
     def worker_id(self) -> str:
-        return f"{socket.gethostname()}:{self.pid}"
+        return f"{socket.gethostname()}:{self.pid}:{self.token}"
 
     def s3(self, endpoint_url: str | None) -> BaseClient:
         """The S3 client for an upload's endpoint (one per endpoint per process)."""
@@ -54,6 +57,12 @@ def get() -> Runtime:
             settings = Settings.from_env()
             _current = Runtime(settings=settings, db=Database(settings.database_url))
         return _current
+
+
+def current() -> Runtime | None:
+    """This process's runtime if it made one, else None (never creates one)."""
+    with _current_lock:
+        return _current if _current is not None and _current.pid == os.getpid() else None
 
 
 def reset() -> None:

@@ -17,12 +17,16 @@ from botocore.client import BaseClient
 
 from models.exceptions import S3FerryError, UserError
 
-#: S3 error codes that say "try again later".
+#: S3 error codes that say "try again later". Expired temporary credentials belong here:
+#: botocore refreshes them before the next call.
 TRANSIENT_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
-    "ServiceUnavailable", "InternalError", "RequestTimeout", "RequestTimeTooSkewed",
-    "BadDigest", "XAmzContentChecksumMismatch", "OperationAborted",
+    "ServiceUnavailable", "InternalError", "RequestTimeout", "BadDigest", "XAmzContentChecksumMismatch",
+    "OperationAborted", "ExpiredToken", "TokenRefreshRequired", "RequestExpired",
 })
+
+#: Codes that no retry will fix, even when sent with a 5xx status.
+PERMANENT_CODES = frozenset({"NotImplemented", "RequestTimeTooSkewed"})
 
 #: botocore's network-level failures (connection refused/reset, timeouts, truncated reads).
 TRANSIENT_EXCEPTIONS = (
@@ -67,7 +71,10 @@ def classify(error: BaseException) -> S3Error:
         return TransientS3Error(describe(error))
     if isinstance(error, botocore.exceptions.ClientError):
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        if error_code(error) in TRANSIENT_CODES or status >= 500 or status == 429:
+        code = error_code(error)
+        if code in PERMANENT_CODES:
+            return PermanentS3Error(describe(error))
+        if code in TRANSIENT_CODES or status >= 500 or status == 429:
             return TransientS3Error(describe(error))
         return PermanentS3Error(describe(error))
     if isinstance(error, botocore.exceptions.NoCredentialsError):

@@ -1,6 +1,8 @@
 """The Celery tasks: thin wrappers that unpack ids, call plain functions, and map retries.
 
 Arguments are ids only (an upload's UUID, a part number): no credentials, URLs or bytes.
+Retries are counted in Postgres by the plain functions, not by Celery (max_retries=None);
+database errors are retried without counting: Postgres may be restarting.
 """
 
 from __future__ import annotations
@@ -10,17 +12,20 @@ from typing import Any
 
 from celery import Task
 
-from workers import completion, parts, runtime
+from models.exceptions import DatabaseError
+from workers import completion, parts, retry, runtime
 from workers.app import app
 
 
 @app.task(bind=True, name="s3ferry.upload_part", max_retries=None)
 def upload_part(self: Task, upload_id: str, part_number: int) -> dict[str, object]:
-    """Send one part. Retries are counted in Postgres (parts.attempts), not by Celery."""
+    rt = runtime.get()
     try:
-        return parts.send_part(runtime.get(), uuid.UUID(upload_id), part_number).as_dict()
+        return parts.send_part(rt, uuid.UUID(upload_id), part_number).as_dict()
     except parts.RetryLater as later:
         raise self.retry(countdown=later.seconds, exc=later) from later
+    except DatabaseError as error:
+        raise self.retry(countdown=_database_wait(self, rt), exc=error) from error
 
 
 @app.task(bind=True, name="s3ferry.complete_upload", max_retries=None)
@@ -28,8 +33,12 @@ def complete_upload(self: Task, collected: list[Any], upload_id: str) -> str:
     """The chord's callback: `collected` holds the part results, checked against Postgres."""
     rt = runtime.get()
     try:
-        return completion.complete(rt, uuid.UUID(upload_id), collected)
+        return completion.complete(rt, uuid.UUID(upload_id), collected, attempt=self.request.retries)
     except parts.RetryLater as later:
-        if self.request.retries >= rt.settings.max_retries:
-            completion.give_up(rt, uuid.UUID(upload_id), f"completing failed: {later}")
         raise self.retry(countdown=later.seconds, exc=later) from later
+    except DatabaseError as error:
+        raise self.retry(countdown=_database_wait(self, rt), exc=error) from error
+
+
+def _database_wait(task: Task, rt: runtime.Runtime) -> float:
+    return retry.backoff(min(task.request.retries + 1, 6), rt.settings.retry_backoff_base, 60.0)

@@ -68,7 +68,7 @@ def test_the_happy_path_records_every_change(state: Database) -> None:
         with state.transaction() as session:
             claim = transitions.claim_part(session, upload_id, number, "w1", 60)
             assert claim.outcome is transitions.ClaimOutcome.CLAIMED
-            transitions.finish_part(session, upload_id, number, f'"etag{number}"', "AAAAAA==", "landed")
+            transitions.finish_part(session, upload_id, number, "w1", f'"etag{number}"', "AAAAAA==", "landed")
     with state.transaction() as session:
         transitions.begin_completing(session, upload_id, "all done")
         transitions.mark_complete(session, upload_id, '"x-2"', "verified")
@@ -139,7 +139,8 @@ def test_claims_exclude_other_workers_until_the_lease_expires(state: Database) -
     assert (taken.outcome, taken.part.worker, taken.part.attempts) == (transitions.ClaimOutcome.CLAIMED, "w2", 2)
 
     with state.transaction() as session:
-        transitions.finish_part(session, upload_id, 1, '"e1"', None, "landed")
+        assert transitions.finish_part(session, upload_id, 1, "w1", '"e0"', None, "late") is None  # not w1's now
+        transitions.finish_part(session, upload_id, 1, "w2", '"e1"', None, "landed")
         again = transitions.claim_part(session, upload_id, 1, "w3", 60)
     assert again.outcome is transitions.ClaimOutcome.DONE
 
@@ -157,13 +158,13 @@ def test_finishing_a_part_twice(state: Database) -> None:
     with state.transaction() as session:
         transitions.start_upload(session, upload_id, "mpu", "created")
         transitions.claim_part(session, upload_id, 1, "w1", 60)
-        transitions.finish_part(session, upload_id, 1, '"e1"', "c", "landed")
+        transitions.finish_part(session, upload_id, 1, "w1", '"e1"', "c", "landed")
     before = status_of(state, upload_id)
     with state.transaction() as session:
-        transitions.finish_part(session, upload_id, 1, '"e1"', "c", "landed again")  # same ETag: a no-op
+        transitions.finish_part(session, upload_id, 1, "w1", '"e1"', "c", "landed again")  # same ETag: a no-op
     assert status_of(state, upload_id) == before
     with pytest.raises(InvalidTransition, match="done with ETag"), state.transaction() as session:
-        transitions.finish_part(session, upload_id, 1, '"other"', "c", "landed")
+        transitions.finish_part(session, upload_id, 1, "w1", '"other"', "c", "landed")
 
 
 def test_retry_release_counts_on_part_and_upload(state: Database) -> None:
@@ -179,3 +180,88 @@ def test_retry_release_counts_on_part_and_upload(state: Database) -> None:
         PartStatus.PENDING, 1, None, "SlowDown: reduce your rate")
     assert (upload.retry_count, upload.last_error) == (1, "SlowDown: reduce your rate")
     assert upload.last_retry_at is not None
+
+
+def test_leases_are_renewed_only_by_their_holder(state: Database) -> None:
+    upload_id = new_upload(state, parts=1)
+    with state.transaction() as session:
+        transitions.start_upload(session, upload_id, "mpu", "created")
+        first = transitions.claim_part(session, upload_id, 1, "w1", 5).part.lease_expires_at
+    with state.transaction() as session:
+        assert transitions.renew_lease(session, upload_id, 1, "w1", 600)
+        assert not transitions.renew_lease(session, upload_id, 1, "w2", 600)
+        renewed = queries.parts(session, upload_id)[0].lease_expires_at
+    assert renewed > first
+
+
+def test_uncounted_release_and_release_on_shutdown(state: Database) -> None:
+    upload_id = new_upload(state, parts=3)
+    w1, w2 = f"w1-{upload_id}", f"w2-{upload_id}"  # release_claims spans uploads: names of this test only
+    with state.transaction() as session:
+        transitions.start_upload(session, upload_id, "mpu", "created")
+        for number in (1, 2):
+            transitions.claim_part(session, upload_id, number, w1, 60)
+        transitions.claim_part(session, upload_id, 3, w2, 60)
+        part = transitions.release_for_retry(session, upload_id, 1, w1, "endpoint unreachable", counted=False)
+        assert part is not None and part.attempts == 0
+    with state.transaction() as session:
+        assert transitions.release_claims(session, w1, "worker shutting down") == 1
+        rows = queries.parts(session, upload_id)
+        upload = queries.get_upload(session, upload_id)
+    assert [(p.status, p.worker, p.attempts) for p in rows] == [
+        ("pending", None, 0), ("pending", None, 0), ("in_flight", w2, 1)]
+    assert upload.retry_count == 0
+
+
+def test_failing_a_part_needs_its_claim(state: Database) -> None:
+    upload_id = new_upload(state, parts=1)
+    with state.transaction() as session:
+        transitions.start_upload(session, upload_id, "mpu", "created")
+        transitions.claim_part(session, upload_id, 1, "w1", 60)
+        assert transitions.fail_part(session, upload_id, 1, "w2", "x") is None
+        assert transitions.fail_part(session, upload_id, 1, "w1", "AccessDenied").status == PartStatus.FAILED
+
+
+def test_concurrent_claims_give_the_part_to_exactly_one_worker(database_url: str) -> None:
+    """Many workers race for the same parts while others release theirs: one claim each, no deadlock."""
+    import threading
+
+    state = Database(database_url)
+    upload_id = new_upload(state, parts=4)
+    with state.transaction() as session:
+        transitions.start_upload(session, upload_id, "mpu", "created")
+    outcomes: list[tuple[int, str, str]] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(8)
+
+    def worker(index: int) -> None:
+        try:
+            barrier.wait()
+            for round_ in range(5):
+                for number in range(1, 5):
+                    with state.transaction() as session:
+                        claim = transitions.claim_part(session, upload_id, number, f"w{index}", 60)
+                    outcomes.append((number, f"w{index}", claim.outcome.value))
+                    if claim.outcome is transitions.ClaimOutcome.CLAIMED and round_ < 4:
+                        with state.transaction() as session:
+                            transitions.release_for_retry(session, upload_id, number, f"w{index}", "x")
+        except BaseException as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    state.dispose()
+    assert errors == []
+    with Database(database_url).transaction() as session:
+        rows = queries.parts(session, upload_id)
+        claims = [e for e in queries.events(session, upload_id) if e.to_status == "in_flight"]
+    held = [p for p in rows if p.status == PartStatus.IN_FLIGHT]
+    assert len(held) == 4  # every part ends held by exactly one worker
+    with Database(database_url).transaction() as session:
+        for number in range(1, 5):
+            moves = [e.to_status for e in queries.events(session, upload_id) if e.part_number == number]
+            assert all(a != b for a, b in zip(moves, moves[1:], strict=False)), moves  # never claimed while held
+    assert len(claims) == sum(1 for _, _, outcome in outcomes if outcome == "claimed")

@@ -201,3 +201,26 @@ def _sha256(path: Path) -> str:
         while chunk := source.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def test_the_lease_is_renewed_while_sending_and_loss_is_noticed(rt: Runtime, bucket: str,  # type: ignore[no-untyped-def]
+                                                               tmp_path: Path) -> None:
+    import dataclasses
+    import time
+
+    from models import transitions
+    from workers.lease import LeaseKeeper
+
+    fast = Runtime(settings=dataclasses.replace(rt.settings, lease_seconds=3), db=rt.db)
+    up = prepare(rt, tmp_path / "j.bin", bucket, 6 * MiB)
+    with rt.db.transaction() as session:
+        first = transitions.claim_part(session, up.upload_id, 1, fast.worker_id, 3).part.lease_expires_at
+    with LeaseKeeper(fast, up.upload_id, 1) as lease:
+        time.sleep(2.5)
+        _, rows, _ = snapshot(rt.db, up.upload_id)
+        assert rows[0].lease_expires_at > first and not lease.lost
+        with rt.db.transaction() as session:  # another worker takes the part over
+            session.execute(sa.text("UPDATE parts SET worker = 'thief' WHERE upload_id = :u AND part_number = 1"),
+                            {"u": up.upload_id.hex if rt.db.url.get_backend_name() == "sqlite" else up.upload_id})
+        time.sleep(1.5)
+        assert lease.lost
