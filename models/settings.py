@@ -44,6 +44,14 @@ class Settings:
     #: How long a worker's claim on a part lasts without being renewed (it is renewed every
     #: third of this while the part is sent): how soon a dead worker's part is taken over.
     lease_seconds: int = 120
+    #: An upload with no part activity for this long is stalled: the reconciler looks at
+    #: S3 (ListParts) and dispatches its missing parts again.
+    stall_seconds: int = 180
+    #: How often the reconciler runs (Celery beat), in seconds.
+    reconcile_interval: int = 30
+    #: Failed uploads keep their S3 parts this long (for `s3ferry retry`); then the sweeper
+    #: aborts them. Also the age past which unknown multipart uploads may be swept.
+    sweep_after_seconds: int = 24 * 3600
     #: Backoff of part retries: base and cap, in seconds (full jitter).
     retry_backoff_base: float = 1.0
     retry_backoff_max: float = 120.0

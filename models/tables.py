@@ -75,6 +75,10 @@ class Upload(Base):
     updated_at: orm.Mapped[dt.datetime] = orm.mapped_column(default=utcnow)
     started_at: orm.Mapped[dt.datetime | None]
     finished_at: orm.Mapped[dt.datetime | None]
+    #: when parts were last dispatched (the reconciler's ticket)
+    dispatched_at: orm.Mapped[dt.datetime | None]
+    #: when the multipart upload was aborted in S3 (cancelled, or failed and swept)
+    s3_aborted_at: orm.Mapped[dt.datetime | None]
     #: the object's ETag once complete
     etag: orm.Mapped[str | None] = orm.mapped_column(sa.String(128))
 

@@ -200,6 +200,56 @@ def fail_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: s
                       last_error=error, finished_at=utcnow())
 
 
+def release_expired(session: orm.Session, upload_id: uuid.UUID) -> list[int]:
+    """Parts in flight whose lease ran out (their worker died or hangs) go back to pending."""
+    _lock_upload(session, upload_id, write=True)
+    now = utcnow()
+    expired = session.scalars(
+        sa.select(Part).where(Part.upload_id == upload_id, Part.status == PartStatus.IN_FLIGHT,
+                              Part.lease_expires_at < now)
+        .order_by(Part.part_number).with_for_update().execution_options(populate_existing=True)
+    ).all()
+    for part in expired:
+        _move_part(session, part, PartStatus.PENDING, f"lease of {part.worker} expired", worker=None,
+                   lease_expires_at=None)
+    return [part.part_number for part in expired]
+
+
+def adopt_part(session: orm.Session, upload_id: uuid.UUID, number: int, etag: str, checksum: str | None,
+               reason: str) -> Part | None:
+    """Record a part that S3 lists and whose bytes we verified, though no worker recorded it
+    (it landed, then the database write was lost). None if a worker holds a live claim on it."""
+    _lock_upload(session, upload_id, write=False)
+    part = _lock_part(session, upload_id, number)
+    if part.status == PartStatus.DONE:
+        return part
+    if part.status == PartStatus.IN_FLIGHT and not _expired(part.lease_expires_at, utcnow()):
+        return None
+    return _move_part(session, part, PartStatus.DONE, reason, etag=etag, checksum=checksum, worker=None,
+                      lease_expires_at=None, finished_at=utcnow(), last_error=None)
+
+
+def take_dispatch_ticket(session: orm.Session, upload_id: uuid.UUID, unless_since: dt.datetime | None) -> bool:
+    """Stamp the upload as dispatched now, unless it was dispatched after `unless_since`.
+
+    One reconciler wins the ticket for a stalled upload; the others leave it alone.
+    """
+    condition = [Upload.id == upload_id]
+    if unless_since is not None:
+        condition.append(sa.or_(Upload.dispatched_at.is_(None), Upload.dispatched_at < unless_since))
+    stamped = session.execute(
+        sa.update(Upload).where(*condition).values(dispatched_at=utcnow()).returning(Upload.id)
+    ).first()
+    return stamped is not None
+
+
+def mark_aborted(session: orm.Session, upload_id: uuid.UUID, reason: str) -> None:
+    """The upload's multipart upload was aborted in S3 (nothing of it is billed any more)."""
+    upload = _lock_upload(session, upload_id, write=True)
+    session.execute(sa.update(Upload).where(Upload.id == upload_id).values(s3_aborted_at=utcnow()))
+    _record(session, upload_id, upload.status, upload.status, f"multipart upload aborted in S3: {reason}")
+
+
 def _lock_upload(session: orm.Session, upload_id: uuid.UUID, write: bool) -> Upload:
     """Every transition locks the upload row first, then part rows: one lock order, no deadlocks."""
     upload = session.execute(

@@ -74,6 +74,11 @@ def make_app(settings: Settings) -> Celery:
         # Keep working through a broker blip instead of cancelling parts mid-flight.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=True,
+        # `s3ferry beat`: the reconciler every reconcile_interval, the sweeper hourly.
+        beat_schedule={
+            "reconcile": {"task": "s3ferry.reconcile", "schedule": float(settings.reconcile_interval)},
+            "sweep": {"task": "s3ferry.sweep", "schedule": 3600.0},
+        },
     )
     return app
 
@@ -85,6 +90,12 @@ app = make_app(Settings.from_env())
 def _after_fork(**_: object) -> None:
     # Never share the parent's database pool or S3 connections with a forked child.
     runtime.reset()
+
+
+@signals.worker_ready.connect
+def _reconcile_on_start(sender: object = None, **_: object) -> None:
+    # A worker (re)starting is a good moment to look for uploads that stalled while it was down.
+    app.send_task("s3ferry.reconcile")
 
 
 @signals.worker_process_shutdown.connect

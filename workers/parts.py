@@ -25,8 +25,9 @@ log = logging.getLogger(__name__)
 class RetryLater(S3FerryError):
     """Try this part again later."""
 
-    def __init__(self, message: str, seconds: float) -> None:
+    def __init__(self, message: str, seconds: float | None) -> None:
         super().__init__(message)
+        #: None: as long as the task's own backoff says (it grows with each try)
         self.seconds = seconds
 
 
@@ -71,6 +72,8 @@ def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
             etag, checksum = transfer(rt, upload, part)
     except SoftTimeLimitExceeded:
         _retry_or_fail(rt, upload, part, "the part ran past the task's soft time limit")
+    except s3.UnreachableS3Error as error:
+        _wait_for_s3(rt, upload, part, str(error))
     except s3.TransientS3Error as error:
         _retry_or_fail(rt, upload, part, str(error))
     except (reader.SourceChanged, s3.PermanentS3Error) as error:
@@ -129,6 +132,15 @@ def _retry_or_fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
     log.warning("part failed (%s); retry %d/%d in %.1fs", error, part.attempts, upload.max_retries, seconds,
                 extra={"upload_id": str(upload.id), "part": number})
     raise RetryLater(error, seconds)
+
+
+def _wait_for_s3(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
+    """S3 is unreachable: give the claim back uncounted and retry when the task's backoff says."""
+    with rt.db.transaction() as session:
+        transitions.release_for_retry(session, upload.id, part.part_number, rt.worker_id, error, counted=False)
+    log.warning("S3 unreachable (%s); the part waits for it", error,
+                extra={"upload_id": str(upload.id), "part": part.part_number})
+    raise RetryLater(error, None)
 
 
 def _fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:

@@ -7,6 +7,7 @@ it sends, and seeks back to its start if it has to resend.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 from urllib.parse import unquote, urlparse
@@ -85,6 +86,20 @@ def crc32c_of(reader: RangeReader) -> str:
         value = crc32c.crc32c(view[:n], value=value)
     reader.seek(0)
     return base64.b64encode(value.to_bytes(4, "big")).decode("ascii")
+
+
+def digests_of(reader: RangeReader) -> tuple[str, str]:
+    """(hex MD5, base64 CRC32C) of the whole range in one pass: what S3 reports for a part."""
+    reader.seek(0)
+    md5 = hashlib.md5(usedforsecurity=False)
+    value = 0
+    buffer = bytearray(BLOCK)
+    view = memoryview(buffer)
+    while n := reader.readinto(buffer):
+        md5.update(view[:n])
+        value = crc32c.crc32c(view[:n], value=value)
+    reader.seek(0)
+    return md5.hexdigest(), base64.b64encode(value.to_bytes(4, "big")).decode("ascii")
 
 
 class SourceChanged(Exception):

@@ -45,6 +45,11 @@ class TransientS3Error(S3Error):
     """S3 failed in a way that may pass: retry with backoff."""
 
 
+class UnreachableS3Error(TransientS3Error):
+    """S3 could not be reached at all (connection refused, connect timeout): an outage, not
+    a failed attempt. Retried with backoff for as long as it lasts, without using up retries."""
+
+
 class PermanentS3Error(S3Error):
     """S3 refused in a way that retrying will not change."""
 
@@ -67,6 +72,8 @@ def describe(error: BaseException) -> str:
 
 def classify(error: BaseException) -> S3Error:
     """Map a botocore error to TransientS3Error or PermanentS3Error."""
+    if isinstance(error, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
+        return UnreachableS3Error(describe(error))
     if isinstance(error, TRANSIENT_EXCEPTIONS):
         return TransientS3Error(describe(error))
     if isinstance(error, botocore.exceptions.ClientError):

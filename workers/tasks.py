@@ -23,7 +23,8 @@ def upload_part(self: Task, upload_id: str, part_number: int) -> dict[str, objec
     try:
         return parts.send_part(rt, uuid.UUID(upload_id), part_number).as_dict()
     except parts.RetryLater as later:
-        raise self.retry(countdown=later.seconds, exc=later) from later
+        countdown = later.seconds if later.seconds is not None else _outage_wait(self, rt)
+        raise self.retry(countdown=countdown, exc=later) from later
     except DatabaseError as error:
         raise self.retry(countdown=_database_wait(self, rt), exc=error) from error
 
@@ -42,3 +43,30 @@ def complete_upload(self: Task, collected: list[Any], upload_id: str) -> str:
 
 def _database_wait(task: Task, rt: runtime.Runtime) -> float:
     return retry.backoff(min(task.request.retries + 1, 6), rt.settings.retry_backoff_base, 60.0)
+
+
+def _outage_wait(task: Task, rt: runtime.Runtime) -> float:
+    return retry.backoff(min(task.request.retries + 1, 12), rt.settings.retry_backoff_base,
+                         rt.settings.retry_backoff_max)
+
+
+@app.task(name="s3ferry.reconcile")
+def reconcile(upload_id: str | None = None) -> list[str]:
+    """Get stalled uploads (or one upload) moving again; run by beat and when a worker starts."""
+    from orchestrator import reconciler
+
+    rt = runtime.get()
+    if upload_id:
+        return [str(reconciler.reconcile(rt.settings, rt.db, uuid.UUID(upload_id), force=True))]
+    return [str(report) for report in reconciler.reconcile_stalled(rt.settings, rt.db)]
+
+
+@app.task(name="s3ferry.sweep")
+def sweep() -> list[str]:
+    """Abort the multipart uploads of cancelled uploads, and of failed ones past their TTL."""
+    import datetime as dt
+
+    from orchestrator import sweeper
+
+    rt = runtime.get()
+    return [str(s) for s in sweeper.sweep(rt.db, dt.timedelta(seconds=rt.settings.sweep_after_seconds))]

@@ -158,24 +158,48 @@ def test_a_changed_source_fails_the_upload(rt: Runtime, bucket: str, tmp_path: P
     assert "size 6291456 -> 6291470" in upload.last_error
 
 
-def test_transient_errors_retry_counted_in_postgres_then_fail(rt: Runtime, bucket: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """An endpoint that refuses connections: each attempt is a counted retry; past max_retries the upload fails."""
-    up = prepare(rt, tmp_path / "h.bin", bucket, 6 * MiB, max_retries=2)
+def test_an_unreachable_endpoint_does_not_use_up_retries(rt: Runtime, bucket: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Connection refused is an outage, not a failed attempt: the part waits, uncounted, for S3."""
+    up = prepare(rt, tmp_path / "h.bin", bucket, 6 * MiB, max_retries=1)
     dead = f"http://127.0.0.1:{services.free_port()}"
     with rt.db.transaction() as session:
         session.execute(sa.update(Upload).where(Upload.id == up.upload_id).values(endpoint_url=dead))
 
-    for attempt in (1, 2):
-        with pytest.raises(parts.RetryLater) as later:
+    for _ in range(3):
+        with pytest.raises(parts.RetryLater, match="Could not connect") as later:
             parts.send_part(rt, up.upload_id, 1)
-        assert 0 < later.value.seconds <= rt.settings.retry_backoff_max
-        upload, rows, _ = snapshot(rt.db, up.upload_id)
-        assert (rows[0].status, rows[0].attempts, upload.retry_count) == (PartStatus.PENDING, attempt, attempt)
-        assert "Could not connect" in upload.last_error
-        assert upload.last_retry_at is not None
+        assert later.value.seconds is None  # the task's growing backoff decides
+    upload, rows, _ = snapshot(rt.db, up.upload_id)
+    assert (upload.status, rows[0].status, rows[0].attempts, upload.retry_count) == (
+        UploadStatus.IN_PROGRESS, PartStatus.PENDING, 0, 0)
+    assert "Could not connect" in upload.last_error
 
-    with pytest.raises(parts.PartFailed, match="gave up after 3 attempts"):
-        parts.send_part(rt, up.upload_id, 1)
+
+def test_transient_errors_are_counted_then_fail_the_upload(rt: Runtime, s3_endpoint: str, bucket: str,  # type: ignore[no-untyped-def]
+                                                           tmp_path: Path) -> None:
+    """Connections reset mid-request: each is a counted retry; past max_retries the upload fails."""
+    from urllib.parse import urlparse
+
+    from tests.faults import FlakyProxy
+
+    up = prepare(rt, tmp_path / "h2.bin", bucket, 6 * MiB, max_retries=2)
+    upstream = urlparse(s3_endpoint)
+    proxy = FlakyProxy(upstream.hostname, upstream.port)
+    proxy.reset_next(100)
+    try:
+        with rt.db.transaction() as session:
+            session.execute(sa.update(Upload).where(Upload.id == up.upload_id).values(endpoint_url=proxy.url))
+        for attempt in (1, 2):
+            with pytest.raises(parts.RetryLater) as later:
+                parts.send_part(rt, up.upload_id, 1)
+            assert 0 < later.value.seconds <= rt.settings.retry_backoff_max
+            upload, rows, _ = snapshot(rt.db, up.upload_id)
+            assert (rows[0].status, rows[0].attempts, upload.retry_count) == (PartStatus.PENDING, attempt, attempt)
+            assert upload.last_retry_at is not None and upload.last_error
+        with pytest.raises(parts.PartFailed, match="gave up after 3 attempts"):
+            parts.send_part(rt, up.upload_id, 1)
+    finally:
+        proxy.close()
     upload, rows, _ = snapshot(rt.db, up.upload_id)
     assert (upload.status, rows[0].status) == (UploadStatus.FAILED, PartStatus.FAILED)
 

@@ -1,0 +1,154 @@
+"""The reconciler: finds stalled uploads and gets them moving again, from Postgres and S3.
+
+An upload is stalled when nothing happened to it for `stall_seconds`: its
+chord was lost with Redis, its worker died with its parts claimed, or the
+orchestrator died before dispatching. The reconciler releases expired claims,
+asks S3 which parts landed (ListParts) and accepts those whose size, ETag
+(MD5) and CRC32C match our own digest of that byte range, then dispatches a
+new chord for the parts still missing, or the completion if none is.
+Redis's visibility timeout is never waited for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import uuid
+
+import sqlalchemy as sa
+
+from models import queries, transitions
+from models.db import Database
+from models.settings import Settings
+from models.states import PartStatus, UploadStatus
+from models.tables import Part, Upload, utcnow
+from orchestrator import submit
+from workers import reader, recovery, s3
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Report:
+    upload_id: uuid.UUID
+    action: str
+    released: list[int] = dataclasses.field(default_factory=list)
+    adopted: list[int] = dataclasses.field(default_factory=list)
+    dispatched: list[int] = dataclasses.field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = f"{self.upload_id}: {self.action}"
+        for name in ("released", "adopted", "dispatched"):
+            numbers = getattr(self, name)
+            if numbers:
+                text += f"; {name} {len(numbers)} part(s)"
+        return text
+
+
+def stalled(db: Database, stall_seconds: float) -> list[uuid.UUID]:
+    """Uploads in progress or completing with no activity for `stall_seconds`."""
+    since = utcnow() - dt.timedelta(seconds=stall_seconds)
+    activity = (sa.select(Part.upload_id).where(
+        sa.or_(Part.started_at >= since, Part.finished_at >= since,
+               sa.and_(Part.status == PartStatus.IN_FLIGHT, Part.lease_expires_at >= utcnow()))))
+    with db.transaction() as session:
+        return list(session.scalars(
+            sa.select(Upload.id).where(
+                Upload.status.in_([UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING]),
+                Upload.updated_at < since,
+                sa.or_(Upload.dispatched_at.is_(None), Upload.dispatched_at < since),
+                Upload.id.not_in(activity))
+            .order_by(Upload.priority.desc(), Upload.created_at)))
+
+
+def reconcile_stalled(settings: Settings, db: Database) -> list[Report]:
+    return [reconcile(settings, db, upload_id) for upload_id in stalled(db, settings.stall_seconds)]
+
+
+def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: bool = False) -> Report:
+    """Get one upload moving again. Without `force`, only if it is still stalled and no other
+    reconciler took it in the meantime."""
+    with db.transaction() as session:
+        upload = queries.get_upload(session, upload_id)
+    if upload.status not in (UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING):
+        return Report(upload_id, f"nothing to do: the upload is {upload.status}")
+    since = None if force else utcnow() - dt.timedelta(seconds=settings.stall_seconds)
+    with db.transaction() as session:
+        if not transitions.take_dispatch_ticket(session, upload_id, since):
+            return Report(upload_id, "recently dispatched; left alone")
+    context = {"upload_id": str(upload_id)}
+    if upload.status == UploadStatus.COMPLETING:
+        dispatch_completion(upload_id)
+        log.warning("reconciler: completion dispatched again", extra=context)
+        return Report(upload_id, "completion dispatched again")
+
+    report = Report(upload_id, "")
+    with db.transaction() as session:
+        report.released = transitions.release_expired(session, upload_id)
+    try:
+        report.adopted = _adopt_listed(db, upload)
+    except reader.SourceChanged as error:
+        with db.transaction() as session:
+            transitions.fail_upload(session, upload_id, str(error))
+        report.action = f"failed: {error}"
+        return report
+    with db.transaction() as session:
+        now = utcnow()
+        rows = queries.parts(session, upload_id)
+    held = [p.part_number for p in rows if _held(p, now)]
+    report.dispatched = [p.part_number for p in rows if p.status != PartStatus.DONE and not _held(p, now)]
+    if report.dispatched:
+        submit.dispatch(upload_id, report.dispatched)
+        report.action = "missing parts dispatched again"
+    elif held:
+        report.action = f"{len(held)} part(s) in flight; nothing to dispatch"
+    else:
+        dispatch_completion(upload_id)
+        report.action = "all parts done; completion dispatched"
+    log.warning("reconciler: %s", report, extra=context)
+    return report
+
+
+def dispatch_completion(upload_id: uuid.UUID) -> None:
+    from workers import tasks
+
+    tasks.complete_upload.delay([], str(upload_id))
+
+
+def _adopt_listed(db: Database, upload: Upload) -> list[int]:
+    """Record the parts S3 holds that Postgres does not, when our bytes prove them."""
+    if not upload.s3_upload_id:
+        return []
+    with db.transaction() as session:
+        unrecorded = {p.part_number: p for p in queries.parts(session, upload.id) if p.status != PartStatus.DONE}
+    if not unrecorded:
+        return []
+    client = s3.make_client(upload.endpoint_url, retries=3)
+    adopted = []
+    try:
+        listing = list(recovery.listed_parts(client, upload))
+    except Exception as error:
+        log.warning("ListParts failed (%s); dispatching without it", s3.describe(error),
+                    extra={"upload_id": str(upload.id)})
+        return []
+    for listed in listing:
+        part = unrecorded.get(int(listed["PartNumber"]))
+        if part is None:
+            continue
+        checksum = recovery.verify(upload, part, listed)
+        if checksum is None:
+            continue
+        with db.transaction() as session:
+            if transitions.adopt_part(session, upload.id, part.part_number, str(listed["ETag"]), checksum,
+                                      "found in S3 by ListParts; size, MD5 and CRC32C match the source"):
+                adopted.append(part.part_number)
+    return adopted
+
+
+def _held(part: Part, now: dt.datetime) -> bool:
+    if part.status != PartStatus.IN_FLIGHT or part.lease_expires_at is None:
+        return False
+    deadline = part.lease_expires_at
+    deadline = deadline if deadline.tzinfo else deadline.replace(tzinfo=dt.UTC)
+    return deadline > now

@@ -1,0 +1,100 @@
+"""The sweeper: aborts multipart uploads nobody will complete, so nobody pays for their parts.
+
+- cancelled uploads, and failed ones older than `older_than` (until then
+  `s3ferry retry` may still resume them), still holding a multipart upload;
+- with `unknown_in` (s3://bucket/prefix): multipart uploads under that prefix
+  older than `older_than` that s3ferry does not know, or knows as finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+
+import sqlalchemy as sa
+
+from models import transitions
+from models.db import Database
+from models.exceptions import UserError
+from models.states import UploadStatus
+from models.tables import Upload, utcnow
+from orchestrator import destination
+from workers import s3
+
+log = logging.getLogger(__name__)
+
+LIVE = (UploadStatus.QUEUED, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING, UploadStatus.PAUSED)
+
+
+@dataclasses.dataclass(frozen=True)
+class Swept:
+    bucket: str
+    key: str
+    s3_upload_id: str
+    why: str
+    aborted: bool
+
+    def __str__(self) -> str:
+        verb = "aborted" if self.aborted else "would abort"
+        return f"{verb} s3://{self.bucket}/{self.key} (upload id {self.s3_upload_id[:16]}…): {self.why}"
+
+
+def sweep(db: Database, older_than: dt.timedelta, dry_run: bool = False,
+          unknown_in: str | None = None) -> list[Swept]:
+    swept = _sweep_known(db, older_than, dry_run)
+    if unknown_in:
+        swept += _sweep_unknown(db, older_than, dry_run, unknown_in)
+    return swept
+
+
+def _sweep_known(db: Database, older_than: dt.timedelta, dry_run: bool) -> list[Swept]:
+    cutoff = utcnow() - older_than
+    with db.transaction() as session:
+        uploads = session.scalars(sa.select(Upload).where(
+            Upload.s3_upload_id.is_not(None), Upload.s3_aborted_at.is_(None),
+            sa.or_(Upload.status == UploadStatus.CANCELLED,
+                   sa.and_(Upload.status == UploadStatus.FAILED, Upload.finished_at < cutoff)))).all()
+    swept = []
+    for upload in uploads:
+        why = f"s3ferry upload {upload.id} is {upload.status}"
+        aborted = not dry_run and _abort(s3.make_client(upload.endpoint_url, retries=3), upload.bucket,
+                                         upload.key, str(upload.s3_upload_id))
+        if aborted:
+            with db.transaction() as session:
+                transitions.mark_aborted(session, upload.id, "swept")
+        swept.append(Swept(upload.bucket, upload.key, str(upload.s3_upload_id), why, aborted))
+    return swept
+
+
+def _sweep_unknown(db: Database, older_than: dt.timedelta, dry_run: bool, where: str) -> list[Swept]:
+    if not where.startswith("s3://"):
+        raise UserError(f"{where!r} is not of the form s3://bucket/prefix")
+    bucket, _, prefix = where.removeprefix("s3://").partition("/")
+    destination.check_bucket(bucket)
+    client = s3.make_client(retries=3)
+    cutoff = utcnow() - older_than
+    with db.transaction() as session:
+        live = set(session.scalars(sa.select(Upload.s3_upload_id).where(
+            Upload.s3_upload_id.is_not(None), Upload.status.in_(LIVE))))
+    swept = []
+    for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
+        for mpu in page.get("Uploads", []):
+            if mpu["UploadId"] in live or mpu["Initiated"] >= cutoff:
+                continue
+            why = f"not an active s3ferry upload; initiated {mpu['Initiated']:%Y-%m-%d %H:%M}"
+            aborted = not dry_run and _abort(client, bucket, mpu["Key"], mpu["UploadId"])
+            swept.append(Swept(bucket, mpu["Key"], mpu["UploadId"], why, aborted))
+    return swept
+
+
+def _abort(client: object, bucket: str, key: str, s3_upload_id: str) -> bool:
+    try:
+        client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=s3_upload_id)  # type: ignore[attr-defined]
+    except Exception as error:
+        if s3.error_code(error) == "NoSuchUpload":
+            return True  # already gone: nothing billed
+        log.error("could not abort s3://%s/%s: %s", bucket, key, s3.describe(error))
+        return False
+    log.info("aborted multipart upload of s3://%s/%s", bucket, key)
+    return True
