@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 
 from models.db import Database
 from models.exceptions import S3FerryError, UserError
 from models.settings import Settings, format_size, parse_size
 from models.states import UploadStatus
-from orchestrator import progress, submit
+from orchestrator import progress, reconciler, submit, sweeper
 from workers import logs
 
 log = logging.getLogger("s3ferry")
@@ -64,6 +67,28 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(run=_status)
 
+    resume = commands.add_parser("resume", help="get an unfinished upload moving again, and watch it")
+    resume.add_argument("upload_id", type=_upload_id)
+    resume.add_argument("--no-wait", action="store_true", help="return once its parts are dispatched")
+    resume.set_defaults(run=_resume)
+
+    reconcile = commands.add_parser("reconcile", help="re-dispatch stalled uploads (all, or one by id)")
+    reconcile.add_argument("upload_id", type=_upload_id, nargs="?")
+    reconcile.set_defaults(run=_reconcile)
+
+    sweep = commands.add_parser("sweep", help="abort multipart uploads that nobody will complete")
+    sweep.add_argument("--dry-run", action="store_true", help="list what would be aborted")
+    sweep.add_argument("--older-than", type=_duration, default=None,
+                       help="age past which failed (and unknown) uploads are aborted (default 24h)")
+    sweep.add_argument("--unknown-in", metavar="s3://BUCKET/PREFIX",
+                       help="also abort multipart uploads under this prefix that s3ferry is not running")
+    sweep.set_defaults(run=_sweep)
+
+    beat = commands.add_parser("beat", help="run the periodic reconciler and sweeper (Celery beat)")
+    beat.add_argument("--loglevel", "-l", default="INFO")
+    beat.add_argument("--schedule", help="beat's state file (default in the temp folder)")
+    beat.set_defaults(run=_beat)
+
     worker = commands.add_parser("worker", help="run a Celery worker that uploads parts")
     worker.add_argument("--concurrency", "-c", type=int, default=4, help="parts sent in parallel (default 4)")
     worker.add_argument("--loglevel", "-l", default="INFO")
@@ -96,14 +121,80 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.database_url)
     done = submit.submit(settings, db, args.source, args.destination, part_size=args.part_size,
                          max_retries=args.max_retries, priority=args.priority)
-    if done.plan.adjusted:
-        print(f"s3ferry: note: {done.plan.describe_adjustment()}", file=sys.stderr)
     print(done.upload_id, flush=True)
-    print(f"uploading {format_size(done.size)} to {done.destination} in {len(done.plan.parts)} part(s) "
-          f"of {format_size(done.plan.part_size)}", file=sys.stderr)
+    if done.resumed:
+        snap = progress.snapshot(db, done.upload_id)
+        print(f"resuming upload {done.upload_id} of this file to {done.destination}: "
+              f"{snap.parts_done} of {snap.parts_total} parts already done", file=sys.stderr)
+        print(f"s3ferry: {reconciler.reconcile(settings, db, done.upload_id, force=True)}", file=sys.stderr)
+    else:
+        if done.plan.adjusted:
+            print(f"s3ferry: note: {done.plan.describe_adjustment()}", file=sys.stderr)
+        print(f"uploading {format_size(done.size)} to {done.destination} in {len(done.plan.parts)} part(s) "
+              f"of {format_size(done.plan.part_size)}", file=sys.stderr)
     if args.no_wait:
         return 0
     return wait(db, done.upload_id)
+
+
+def _resume(args: argparse.Namespace, settings: Settings) -> int:
+    db = Database(settings.database_url)
+    snap = progress.snapshot(db, args.upload_id)
+    if snap.status == UploadStatus.COMPLETE:
+        print(f"upload {args.upload_id} is already complete: {snap.destination}", file=sys.stderr)
+        return 0
+    if snap.status not in submit.RESUMABLE:
+        raise UserError(f"upload {args.upload_id} is {snap.status}; it cannot be resumed")
+    submit.check_broker(settings)
+    print(f"s3ferry: {reconciler.reconcile(settings, db, args.upload_id, force=True)}", file=sys.stderr)
+    return 0 if args.no_wait else wait(db, args.upload_id)
+
+
+def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    db = Database(settings.database_url)
+    submit.check_broker(settings)
+    if args.upload_id:
+        reports = [reconciler.reconcile(settings, db, args.upload_id, force=True)]
+    else:
+        reports = reconciler.reconcile_stalled(settings, db)
+    for report in reports:
+        print(report)
+    if not reports:
+        print("no stalled upload")
+    return 0
+
+
+def _sweep(args: argparse.Namespace, settings: Settings) -> int:
+    older_than = args.older_than if args.older_than is not None else dt.timedelta(
+        seconds=settings.sweep_after_seconds)
+    swept = sweeper.sweep(Database(settings.database_url), older_than, dry_run=args.dry_run,
+                          unknown_in=args.unknown_in)
+    for item in swept:
+        print(item)
+    print(f"{len(swept)} multipart upload(s) {'to abort' if args.dry_run else 'swept'}")
+    return 0
+
+
+def _beat(args: argparse.Namespace, settings: Settings) -> int:
+    from workers.app import app
+
+    schedule = args.schedule or str(Path(tempfile.gettempdir()) / "s3ferry-beat-schedule")
+    app.start(["beat", f"--loglevel={args.loglevel}", f"--schedule={schedule}"])
+    return 0
+
+
+def _duration(text: str) -> dt.timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = text[:-1], text[-1:].lower()
+    if unit.isdigit():
+        number, unit = text, "s"
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1
+    if unit not in units or value < 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected like 90s, 30m, 24h or 7d")
+    return dt.timedelta(seconds=value * units[unit])
 
 
 def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25) -> int:

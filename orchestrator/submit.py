@@ -13,17 +13,22 @@ import uuid
 from collections.abc import Iterable
 
 import botocore.exceptions
+import sqlalchemy as sa
 from celery import chord
 
 from models import transitions
 from models.db import Database
 from models.exceptions import S3FerryError, UserError
 from models.settings import Settings
+from models.states import UploadStatus
 from models.tables import Upload
 from orchestrator import destination, plan, source
 from workers import s3
 
 log = logging.getLogger(__name__)
+
+#: statuses in which running the same upload command again attaches to the upload
+RESUMABLE = (UploadStatus.QUEUED, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING)
 
 
 class BrokerUnavailable(S3FerryError):
@@ -47,6 +52,8 @@ class Submitted:
     size: int
     s3_upload_id: str | None
     endpoint_url: str | None
+    #: an unfinished upload of the same file to the same place, attached to instead of starting anew
+    resumed: bool = False
 
 
 def submit(settings: Settings, db: Database, source_path: str, destination_uri: str, *,
@@ -54,6 +61,9 @@ def submit(settings: Settings, db: Database, source_path: str, destination_uri: 
     """Check everything, record the upload, create it in S3 and dispatch its chord."""
     request = validate(settings, source_path, destination_uri, part_size)
     check_broker(settings)
+    existing = find_resumable(db, request)
+    if existing is not None:
+        return existing
     prepared = prepare(settings, db, request, max_retries=max_retries, priority=priority)
     try:
         dispatch(prepared.upload_id, [p.number for p in prepared.plan.parts])
@@ -62,6 +72,21 @@ def submit(settings: Settings, db: Database, source_path: str, destination_uri: 
         raise
     log.info("submitted", extra={"upload_id": str(prepared.upload_id), "parts": len(prepared.plan.parts)})
     return prepared
+
+
+def find_resumable(db: Database, request: Request) -> Submitted | None:
+    """An unfinished upload of this very file (same fingerprint) to the same destination."""
+    src, dest = request.source, request.destination
+    db.check()
+    with db.transaction() as session:
+        upload = session.scalars(sa.select(Upload).where(
+            Upload.source_uri == src.uri, Upload.source_size == src.size, Upload.source_mtime_ns == src.mtime_ns,
+            Upload.source_inode == src.inode, Upload.bucket == dest.bucket, Upload.key == dest.key,
+            Upload.status.in_(RESUMABLE)).order_by(Upload.created_at.desc()).limit(1)).first()
+    if upload is None:
+        return None
+    return Submitted(upload.id, dest, dataclasses.replace(request.plan, part_size=upload.part_size),
+                     upload.source_size, upload.s3_upload_id, upload.endpoint_url, resumed=True)
 
 
 def validate(settings: Settings, source_path: str, destination_uri: str, part_size: int | None = None) -> Request:

@@ -62,8 +62,6 @@ def make_app(settings: Settings) -> Celery:
         task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
         worker_soft_shutdown_timeout=SOFT_SHUTDOWN_TIMEOUT,
-        # Also wait when only retries (ETA tasks) are reserved, so they are requeued cleanly.
-        worker_enable_soft_shutdown_on_idle=True,
         result_expires=RESULT_EXPIRES,
         result_extended=False,
         task_track_started=True,

@@ -1,0 +1,155 @@
+"""Recovery through a real worker: lost chords, parts that landed unrecorded, expired claims,
+stalled completions, and the sweeper. The reconciler is driven directly."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as dt
+from pathlib import Path
+
+import crc32c
+import pytest
+import sqlalchemy as sa
+
+from models import queries, transitions
+from models.settings import Settings
+from models.states import PartStatus, UploadStatus
+from models.tables import Part, Upload
+from orchestrator import reconciler, submit, sweeper
+from tests.conftest import sha256_of_object, write_random
+from tests.integration.helpers import FINISHED, MiB, wait_status
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def settings(service_env) -> Settings:  # type: ignore[no-untyped-def]
+    return dataclasses.replace(Settings.from_env(), stall_seconds=0)
+
+
+def prepare(settings: Settings, db, path: Path, bucket: str, size: int) -> tuple[submit.Submitted, str]:  # type: ignore[no-untyped-def]
+    sha256 = write_random(path, size)
+    request = submit.validate(settings, str(path), f"s3://{bucket}/{path.name}", 5 * MiB)
+    return submit.prepare(settings, db, request), sha256
+
+
+def claims(db, upload_id) -> dict[int, int]:  # type: ignore[no-untyped-def]
+    with db.transaction() as session:
+        events = queries.events(session, upload_id)
+    counts: dict[int, int] = {}
+    for event in events:
+        if event.to_status == "in_flight":
+            counts[event.part_number] = counts.get(event.part_number, 0) + 1
+    return counts
+
+
+def test_an_upload_whose_chord_was_lost_is_dispatched_again(worker, settings, db, s3, bucket,  # type: ignore[no-untyped-def]
+                                                          tmp_path: Path) -> None:
+    """Prepared but never dispatched (the orchestrator died, or Redis lost the chord)."""
+    up, sha256 = prepare(settings, db, tmp_path / "lost.bin", bucket, 11 * MiB)
+    assert up.upload_id in reconciler.stalled(db, 0)
+
+    report = reconciler.reconcile(settings, db, up.upload_id)
+
+    assert report.dispatched == [1, 2, 3] and report.action == "missing parts dispatched again"
+    assert wait_status(db, up.upload_id, FINISHED) == UploadStatus.COMPLETE
+    assert sha256_of_object(s3, bucket, "lost.bin") == sha256
+    again = reconciler.reconcile(settings, db, up.upload_id)
+    assert again.action == "nothing to do: the upload is complete"
+
+
+def test_parts_that_landed_unrecorded_are_adopted_after_checking_their_bytes(  # type: ignore[no-untyped-def]
+        worker, settings, db, s3, bucket, tmp_path: Path) -> None:
+    path = tmp_path / "landed.bin"
+    up, sha256 = prepare(settings, db, path, bucket, 11 * MiB)
+    data = path.read_bytes()
+    # part 1 landed but its database write was lost; part 2 in S3 holds other bytes
+    for number, body in ((1, data[:5 * MiB]), (2, b"x" * (5 * MiB))):
+        s3.upload_part(Bucket=bucket, Key="landed.bin", UploadId=up.s3_upload_id, PartNumber=number, Body=body,
+                       ChecksumCRC32C=base64.b64encode(crc32c.crc32c(body).to_bytes(4, "big")).decode())
+
+    report = reconciler.reconcile(settings, db, up.upload_id)
+
+    assert (report.adopted, report.dispatched) == ([1], [2, 3])
+    assert wait_status(db, up.upload_id, FINISHED) == UploadStatus.COMPLETE
+    assert sha256_of_object(s3, bucket, "landed.bin") == sha256
+    assert claims(db, up.upload_id) == {2: 1, 3: 1}  # part 1 was never sent again
+
+
+def test_claims_of_a_dead_worker_are_released_and_their_parts_sent(worker, settings, db, s3, bucket,  # type: ignore[no-untyped-def]
+                                                                    tmp_path: Path) -> None:
+    up, sha256 = prepare(settings, db, tmp_path / "dead.bin", bucket, 6 * MiB)
+    with db.transaction() as session:
+        transitions.claim_part(session, up.upload_id, 1, "dead-host:1:x", 60)
+        session.execute(sa.update(Part).where(Part.upload_id == up.upload_id)
+                        .values(lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1),
+                                started_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
+
+    report = reconciler.reconcile(settings, db, up.upload_id)
+
+    assert report.released == [1] and report.dispatched == [1, 2]
+    assert wait_status(db, up.upload_id, FINISHED) == UploadStatus.COMPLETE
+    assert sha256_of_object(s3, bucket, "dead.bin") == sha256
+
+
+def test_a_part_with_a_live_claim_is_not_dispatched(settings, db, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    up, _ = prepare(settings, db, tmp_path / "live.bin", bucket, 6 * MiB)
+    with db.transaction() as session:
+        transitions.claim_part(session, up.upload_id, 1, "busy-host:1:x", 600)
+        transitions.claim_part(session, up.upload_id, 2, "busy-host:1:x", 600)
+    assert up.upload_id not in reconciler.stalled(db, 60)
+
+    report = reconciler.reconcile(settings, db, up.upload_id, force=True)
+
+    assert (report.released, report.dispatched) == ([], [])
+    assert report.action == "2 part(s) in flight; nothing to dispatch"
+    with db.transaction() as session:  # clean up: no worker will ever finish these
+        transitions.fail_upload(session, up.upload_id, "test over")
+
+
+def test_a_stalled_completion_is_dispatched_again(worker, settings, db, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from workers import parts
+    from workers.runtime import Runtime
+
+    up, sha256 = prepare(settings, db, tmp_path / "stuck.bin", bucket, 6 * MiB)
+    rt = Runtime(settings=settings, db=db)
+    for number in (1, 2):
+        parts.send_part(rt, up.upload_id, number)
+    with db.transaction() as session:  # the completing worker died before CompleteMultipartUpload
+        transitions.begin_completing(session, up.upload_id, "test")
+
+    report = reconciler.reconcile(settings, db, up.upload_id)
+
+    assert report.action == "completion dispatched again"
+    assert wait_status(db, up.upload_id, FINISHED) == UploadStatus.COMPLETE
+    assert sha256_of_object(s3, bucket, "stuck.bin") == sha256
+
+
+def test_the_sweeper_aborts_failed_uploads_past_their_ttl_and_unknown_ones(settings, db, s3, bucket,  # type: ignore[no-untyped-def]
+                                                                            tmp_path: Path) -> None:
+    failed, _ = prepare(settings, db, tmp_path / "failed.bin", bucket, 6 * MiB)
+    live, _ = prepare(settings, db, tmp_path / "live.bin", bucket, 6 * MiB)
+    with db.transaction() as session:
+        transitions.fail_upload(session, failed.upload_id, "test")
+    stranger = s3.create_multipart_upload(Bucket=bucket, Key="tmp/stranger.bin")["UploadId"]
+    outside = s3.create_multipart_upload(Bucket=bucket, Key="other/kept.bin")["UploadId"]
+
+    def mine(swept: list[sweeper.Swept]) -> list[sweeper.Swept]:  # other tests' failed uploads are swept too
+        return [s for s in swept if s.bucket == bucket]
+
+    assert mine(sweeper.sweep(db, dt.timedelta(hours=1))) == []  # the failed one is still young
+    preview = mine(sweeper.sweep(db, dt.timedelta(0), dry_run=True, unknown_in=f"s3://{bucket}/tmp/"))
+    assert sorted((s.key, s.aborted) for s in preview) == [("failed.bin", False), ("tmp/stranger.bin", False)]
+
+    swept = mine(sweeper.sweep(db, dt.timedelta(0), unknown_in=f"s3://{bucket}/tmp/"))
+
+    assert sorted((s.s3_upload_id, s.aborted) for s in swept) == sorted(
+        [(failed.s3_upload_id, True), (stranger, True)])
+    left = {u["UploadId"] for u in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", [])}
+    assert left == {live.s3_upload_id, outside}
+    with db.transaction() as session:
+        assert queries.get_upload(session, failed.upload_id).s3_aborted_at is not None
+    assert mine(sweeper.sweep(db, dt.timedelta(0))) == []  # nothing twice
+    with db.transaction() as session:
+        transitions.fail_upload(session, live.upload_id, "test over")
