@@ -1,7 +1,8 @@
 """A TCP proxy between workers and the S3 server that can break connections on demand.
 
-Minimal for now: it resets the next N connections it accepts (as a flaky
-network or an overloaded endpoint would), then forwards bytes both ways.
+It resets the next N connections it accepts (as a flaky network or an
+overloaded endpoint would), caps the bandwidth towards the server, and
+otherwise forwards bytes both ways.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 from tests.services import free_port
 
@@ -20,6 +22,10 @@ class FlakyProxy:
         self.resets_left = 0
         self.resets_done = 0
         self.connections = 0
+        #: bytes per second towards the server, shared by all connections (None: unlimited)
+        self.rate: float | None = None
+        self._sent = 0.0
+        self._since = time.monotonic()
         self._lock = threading.Lock()
         self._server = socket.create_server(("127.0.0.1", self.port), backlog=64)
         self._closed = False
@@ -28,6 +34,21 @@ class FlakyProxy:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def limit(self, bytes_per_second: float | None) -> None:
+        with self._lock:
+            self.rate, self._sent, self._since = bytes_per_second, 0.0, time.monotonic()
+
+    def _throttle(self, size: int) -> None:
+        """Sleep so that bytes towards the server stay under `rate` on average."""
+        with self._lock:
+            if self.rate is None:
+                return
+            self._sent += size
+            due = self._since + self._sent / self.rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
 
     def reset_next(self, count: int) -> None:
         with self._lock:
@@ -63,12 +84,14 @@ class FlakyProxy:
             client.close()
             return
         threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
-        _pump(client, upstream)
+        _pump(client, upstream, self._throttle)
 
 
-def _pump(source: socket.socket, target: socket.socket) -> None:
+def _pump(source: socket.socket, target: socket.socket, throttle=None) -> None:  # type: ignore[no-untyped-def]
     try:
-        while data := source.recv(1 << 20):
+        while data := source.recv(64 * 1024 if throttle else 1 << 20):
+            if throttle:
+                throttle(len(data))
             target.sendall(data)
     except OSError:
         pass

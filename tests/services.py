@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -132,10 +133,11 @@ def postgres_bindir() -> Path:
 def start_postgres(workdir: Path) -> tuple[Server, str]:
     """initdb + postgres on a free port, as the `postgres` user when run as root."""
     bindir, port = postgres_bindir(), free_port()
-    data = workdir / "pgdata"
     user = "postgres" if os.geteuid() == 0 else None
-    if user:
+    if user:  # pytest's folders are private to root: give postgres one of its own
+        workdir = Path(tempfile.mkdtemp(prefix="s3ferry-pg-"))
         shutil.chown(workdir, user)
+    data = workdir / "pgdata"
     init = [str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]
     subprocess.run((["runuser", "-u", user, "--"] if user else []) + init, check=True, capture_output=True)
     server = Server("postgres", [str(bindir / "postgres"), "-D", str(data), "-p", str(port), "-k", str(workdir),
