@@ -52,6 +52,10 @@ class Settings:
     #: Failed uploads keep their S3 parts this long (for `s3ferry retry`); then the sweeper
     #: aborts them. Also the age past which unknown multipart uploads may be swept.
     sweep_after_seconds: int = 24 * 3600
+    #: On SIGTERM, parts in flight get this long to finish (Celery's soft shutdown; Celery
+    #: waits the whole time when any task was running). Keep it below the grace period of
+    #: docker-compose (stop_grace_period) or Kubernetes (terminationGracePeriodSeconds).
+    soft_shutdown_seconds: float = 60.0
     #: Backoff of part retries: base and cap, in seconds (full jitter).
     retry_backoff_base: float = 1.0
     retry_backoff_max: float = 120.0

@@ -27,9 +27,25 @@ class FlakyProxy:
         self._sent = 0.0
         self._since = time.monotonic()
         self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", self.port), backlog=64)
+        self._open: set[socket.socket] = set()
         self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.up()
+
+    def up(self) -> None:
+        """Accept connections (again) on the same port."""
+        self._server = socket.create_server(("127.0.0.1", self.port), backlog=64)
+        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
+
+    def down(self) -> None:
+        """The endpoint becomes unreachable: new connections are refused, open ones cut."""
+        self._server.close()
+        with self._lock:
+            cut, self._open = self._open, set()
+        for sock in cut:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     @property
     def url(self) -> str:
@@ -58,10 +74,10 @@ class FlakyProxy:
         self._closed = True
         self._server.close()
 
-    def _accept(self) -> None:
+    def _accept(self, server: socket.socket) -> None:
         while not self._closed:
             try:
-                client, _ = self._server.accept()
+                client, _ = server.accept()
             except OSError:
                 return
             with self._lock:
@@ -75,6 +91,8 @@ class FlakyProxy:
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 client.close()
                 continue
+            with self._lock:
+                self._open.add(client)
             threading.Thread(target=self._forward, args=(client,), daemon=True).start()
 
     def _forward(self, client: socket.socket) -> None:

@@ -27,12 +27,6 @@ TASK_SOFT_TIME_LIMIT = 3300
 #: (lease) and the reconciler re-dispatches their parts.
 VISIBILITY_TIMEOUT = 2 * TASK_TIME_LIMIT
 
-#: On SIGTERM (mapped to Celery's cold shutdown by REMAP_SIGTERM=SIGQUIT, which
-#: `s3ferry worker` and the image set), parts in flight get this long to finish before
-#: the worker stops; unfinished ones are requeued and their claims released. Keep it
-#: below the orchestrator's grace period (docker-compose stop_grace_period: 90 s).
-SOFT_SHUTDOWN_TIMEOUT = 60.0
-
 #: Chord counters live in the result backend and expire with results: keep them for as
 #: long as an upload may take (paused or stalled ones included). Never 0.
 RESULT_EXPIRES = 7 * 24 * 3600
@@ -61,7 +55,10 @@ def make_app(settings: Settings) -> Celery:
         task_time_limit=TASK_TIME_LIMIT,
         task_soft_time_limit=TASK_SOFT_TIME_LIMIT,
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
-        worker_soft_shutdown_timeout=SOFT_SHUTDOWN_TIMEOUT,
+        # On SIGTERM (mapped to Celery's cold shutdown by REMAP_SIGTERM=SIGQUIT, which
+        # `s3ferry worker` and the image set), parts in flight get this long to finish; the
+        # rest are requeued and their claims released (see _at_exit below).
+        worker_soft_shutdown_timeout=settings.soft_shutdown_seconds,
         result_expires=RESULT_EXPIRES,
         result_extended=False,
         task_track_started=True,

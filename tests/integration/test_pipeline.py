@@ -55,7 +55,10 @@ def test_a_permanent_part_error_fails_the_upload_and_messages_carry_ids_only(  #
 
 def test_transient_errors_are_retried_by_the_worker_and_counted(  # type: ignore[no-untyped-def]
         worker, service_env, s3, s3_endpoint, bucket, db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Connections reset on the way to S3: parts retry with backoff (Celery retry), the upload completes."""
+    """Connections reset on the way to S3: parts retry with backoff (Celery retry), the upload completes.
+
+    A reset during the send is a counted retry; one while connecting looks like an
+    unreachable endpoint, which waits without using up retries."""
     from urllib.parse import urlparse
 
     from models import queries
@@ -82,8 +85,11 @@ def test_transient_errors_are_retried_by_the_worker_and_counted(  # type: ignore
     with db.transaction() as session:
         upload = queries.get_upload(session, prepared.upload_id)
         rows = queries.parts(session, prepared.upload_id)
-        retries = [e for e in queries.events(session, prepared.upload_id) if (e.reason or "").startswith("retry:")]
-    assert upload.retry_count == 3 == len(retries)
-    assert sum(p.attempts for p in rows) == len(rows) + 3
-    assert upload.last_retry_at is not None and upload.last_error
+        events = queries.events(session, prepared.upload_id)
+    counted = [e for e in events if (e.reason or "").startswith("retry:")]
+    waited = [e for e in events if (e.reason or "").startswith("released:")]  # reset while connecting: an outage
+    assert len(counted) + len(waited) == 3  # every reset led to one retry
+    assert upload.retry_count == len(counted)
+    assert sum(p.attempts for p in rows) == len(rows) + len(counted)
+    assert upload.last_error
     assert all(p.status == "done" and p.last_error is None for p in rows)
