@@ -24,7 +24,7 @@ def s3ferry_roles() -> set[str]:
 
 def test_the_stack_has_postgres_redis_migration_and_workers() -> None:
     services = compose()["services"]
-    assert {"postgres", "redis", "migrate", "worker"} <= set(services)
+    assert {"postgres", "redis", "migrate", "worker", "beat"} <= set(services)
     for name in ("postgres", "redis"):
         assert services[name]["healthcheck"]["test"]
     assert "noeviction" in services["redis"]["command"] and "--appendonly" in services["redis"]["command"]
@@ -33,7 +33,7 @@ def test_the_stack_has_postgres_redis_migration_and_workers() -> None:
 def test_every_s3ferry_service_runs_a_real_role() -> None:
     services = compose()["services"]
     roles = s3ferry_roles()
-    for name in ("migrate", "worker"):
+    for name in ("migrate", "worker", "beat"):
         assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
         assert services[name]["command"][0] in roles, name
     assert services["migrate"]["command"] == ["db", "upgrade"]
