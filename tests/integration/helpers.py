@@ -43,3 +43,14 @@ def crc32c_b64(path: Path, offset: int, size: int) -> str:
         source.seek(offset)
         value = crc32c.crc32c(source.read(size))
     return base64.b64encode(value.to_bytes(4, "big")).decode()
+
+
+def claims_per_part(db: Database, upload_id: uuid.UUID) -> dict[int, int]:
+    """How many times each part was claimed (a claim precedes every send)."""
+    with db.transaction() as session:
+        events = queries.events(session, upload_id)
+    counts: dict[int, int] = {}
+    for event in events:
+        if event.to_status == "in_flight":
+            counts[event.part_number] = counts.get(event.part_number, 0) + 1
+    return counts

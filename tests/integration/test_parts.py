@@ -6,7 +6,6 @@ No Celery here: these drive `workers.parts.send_part` and
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path

@@ -14,11 +14,11 @@ import sqlalchemy as sa
 
 from models import queries, transitions
 from models.settings import Settings
-from models.states import PartStatus, UploadStatus
-from models.tables import Part, Upload
+from models.states import UploadStatus
+from models.tables import Part
 from orchestrator import reconciler, submit, sweeper
 from tests.conftest import sha256_of_object, write_random
-from tests.integration.helpers import FINISHED, MiB, wait_status
+from tests.integration.helpers import FINISHED, MiB, claims_per_part, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -32,16 +32,6 @@ def prepare(settings: Settings, db, path: Path, bucket: str, size: int) -> tuple
     sha256 = write_random(path, size)
     request = submit.validate(settings, str(path), f"s3://{bucket}/{path.name}", 5 * MiB)
     return submit.prepare(settings, db, request), sha256
-
-
-def claims(db, upload_id) -> dict[int, int]:  # type: ignore[no-untyped-def]
-    with db.transaction() as session:
-        events = queries.events(session, upload_id)
-    counts: dict[int, int] = {}
-    for event in events:
-        if event.to_status == "in_flight":
-            counts[event.part_number] = counts.get(event.part_number, 0) + 1
-    return counts
 
 
 def test_an_upload_whose_chord_was_lost_is_dispatched_again(worker, settings, db, s3, bucket,  # type: ignore[no-untyped-def]
@@ -74,7 +64,7 @@ def test_parts_that_landed_unrecorded_are_adopted_after_checking_their_bytes(  #
     assert (report.adopted, report.dispatched) == ([1], [2, 3])
     assert wait_status(db, up.upload_id, FINISHED) == UploadStatus.COMPLETE
     assert sha256_of_object(s3, bucket, "landed.bin") == sha256
-    assert claims(db, up.upload_id) == {2: 1, 3: 1}  # part 1 was never sent again
+    assert claims_per_part(db, up.upload_id) == {2: 1, 3: 1}  # part 1 was never sent again
 
 
 def test_claims_of_a_dead_worker_are_released_and_their_parts_sent(worker, settings, db, s3, bucket,  # type: ignore[no-untyped-def]

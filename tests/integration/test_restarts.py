@@ -20,7 +20,7 @@ from models.tables import Upload
 from tests import services
 from tests.conftest import sha256_of_object, write_random
 from tests.faults import FlakyProxy
-from tests.integration.helpers import FINISHED, S3FERRY, MiB, run_cli, wait_status
+from tests.integration.helpers import FINISHED, S3FERRY, MiB, claims_per_part, run_cli, wait_status
 
 pytestmark = pytest.mark.integration
 
@@ -37,16 +37,6 @@ def slow_s3(s3_endpoint: str):  # type: ignore[no-untyped-def]
 def parts_done(db: Database, upload_id: uuid.UUID) -> int:
     with db.transaction() as session:
         return queries.part_counts(session, upload_id).done
-
-
-def claims_per_part(db: Database, upload_id: uuid.UUID) -> dict[int, int]:
-    with db.transaction() as session:
-        events = queries.events(session, upload_id)
-    counts: dict[int, int] = {}
-    for event in events:
-        if event.to_status == "in_flight":
-            counts[event.part_number] = counts.get(event.part_number, 0) + 1
-    return counts
 
 
 def wait_until(check, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
