@@ -22,6 +22,8 @@ class FlakyProxy:
         self.resets_left = 0
         self.resets_done = 0
         self.connections = 0
+        #: bytes forwarded towards the server: what the workers actually sent
+        self.bytes_up = 0
         #: bytes per second towards the server, shared by all connections (None: unlimited)
         self.rate: float | None = None
         self._sent = 0.0
@@ -56,8 +58,9 @@ class FlakyProxy:
             self.rate, self._sent, self._since = bytes_per_second, 0.0, time.monotonic()
 
     def _throttle(self, size: int) -> None:
-        """Sleep so that bytes towards the server stay under `rate` on average."""
+        """Count bytes towards the server; sleep so that they stay under `rate` on average."""
         with self._lock:
+            self.bytes_up += size
             if self.rate is None:
                 return
             self._sent += size
@@ -107,7 +110,7 @@ class FlakyProxy:
 
 def _pump(source: socket.socket, target: socket.socket, throttle=None) -> None:  # type: ignore[no-untyped-def]
     try:
-        while data := source.recv(64 * 1024 if throttle else 1 << 20):
+        while data := source.recv(64 * 1024):
             if throttle:
                 throttle(len(data))
             target.sendall(data)

@@ -125,6 +125,8 @@ def test_an_upload_survives_killed_workers_redis_loss_and_a_postgres_restart(  #
 
     assert sha256_of_object(s3, bucket, "chaos.bin") == sha256
     assert len(parts) == PARTS and all(p.status == PartStatus.DONE for p in parts)
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")  # nothing left behind
+    print(f"bytes sent / file size: {proxy.bytes_up / SIZE:.3f} (requests and headers included)")
     sends = _part_sends((workdir / "moto.log").read_text(errors="replace"), upload.s3_upload_id)
     assert sorted(sends) == list(range(1, PARTS + 1))
     resent = sum(sends.values()) - PARTS

@@ -111,3 +111,31 @@ def test_sigterm_lets_parts_in_flight_finish_and_wastes_nothing(  # type: ignore
 def _in_flight(db: Database, upload_id: uuid.UUID) -> int:
     with db.transaction() as session:
         return queries.part_counts(session, upload_id).in_flight
+
+
+def test_resume_by_id_dispatches_what_is_missing_and_refuses_a_failed_upload(  # type: ignore[no-untyped-def]
+        worker, service_env, s3, bucket, db, tmp_path: Path) -> None:
+    from models import transitions
+    from models.settings import Settings
+    from orchestrator import submit
+
+    settings = Settings.from_env()
+    source = tmp_path / "later.bin"
+    sha256 = write_random(source, 11 * MiB)
+    prepared = submit.prepare(settings, db, submit.validate(settings, str(source), f"s3://{bucket}/later.bin",
+                                                            5 * MiB))  # recorded, never dispatched
+
+    run = run_cli(["resume", str(prepared.upload_id)], service_env)
+
+    assert run.returncode == 0, run.stderr
+    assert "missing parts dispatched again; dispatched 3 part(s)" in run.stderr
+    assert sha256_of_object(s3, bucket, "later.bin") == sha256
+    assert run_cli(["resume", str(prepared.upload_id)], service_env).returncode == 0  # complete: nothing to do
+
+    failed = submit.prepare(settings, db, submit.validate(settings, str(source), f"s3://{bucket}/failed.bin",
+                                                          5 * MiB))
+    with db.transaction() as session:
+        transitions.fail_upload(session, failed.upload_id, "test")
+    refused = run_cli(["resume", str(failed.upload_id)], service_env)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == f"s3ferry: error: upload {failed.upload_id} is failed; it cannot be resumed"
