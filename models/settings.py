@@ -60,6 +60,13 @@ class Settings:
     retry_backoff_base: float = 1.0
     retry_backoff_max: float = 120.0
 
+    def __post_init__(self) -> None:
+        if not self.stall_seconds > max(self.lease_seconds, self.retry_backoff_max):
+            raise ValueError(
+                f"S3FERRY_STALL_SECONDS ({self.stall_seconds}) must be longer than S3FERRY_LEASE_SECONDS "
+                f"({self.lease_seconds}) and S3FERRY_RETRY_BACKOFF_MAX ({self.retry_backoff_max}): "
+                "otherwise healthy uploads look stalled")
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={mask_password(str(getattr(self, f.name)))!r}" if f.name.endswith(("_url", "backend"))
                            else f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))

@@ -53,9 +53,15 @@ def create_upload(session: orm.Session, upload: Upload, parts: Sequence[PartSpec
 
 
 def start_upload(session: orm.Session, upload_id: uuid.UUID, s3_upload_id: str | None, reason: str) -> None:
+    """The upload starts: its parts are dispatched right after this commits."""
     now = utcnow()
     _move_upload(session, upload_id, UploadStatus.IN_PROGRESS, reason,
-                 s3_upload_id=s3_upload_id, started_at=now)
+                 s3_upload_id=s3_upload_id, started_at=now, dispatched_at=now)
+
+
+def touch(session: orm.Session, upload_id: uuid.UUID) -> None:
+    """Something happened to the upload (a completion attempt): it is not stalled."""
+    session.execute(sa.update(Upload).where(Upload.id == upload_id).values(updated_at=utcnow()))
 
 
 def begin_completing(session: orm.Session, upload_id: uuid.UUID, reason: str) -> None:
@@ -139,22 +145,30 @@ def renew_lease(session: orm.Session, upload_id: uuid.UUID, number: int, worker:
 
 def finish_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str, etag: str,
                 checksum: str | None, reason: str) -> Part | None:
-    """Record a part that the caller, holding its claim, sent to S3.
+    """Record a part that the caller sent to S3 (the ETag S3 returned proves it landed).
 
-    Recording the same ETag again is a no-op. Returns None, recording nothing,
-    when the caller's claim was taken over meanwhile (its lease expired).
+    Accepted when the caller holds the claim, and also when nobody holds a live
+    claim (the caller's lease ran out during a database outage and the part went
+    back to pending). Recording the same ETag again is a no-op. Returns None,
+    recording nothing, when another worker holds a live claim on the part.
     """
     _lock_upload(session, upload_id, write=False)
     part = _lock_part(session, upload_id, number)
     if part.status == PartStatus.DONE:
-        if part.etag != etag:
-            raise InvalidTransition(
-                f"part {number} of upload {upload_id} is done with ETag {part.etag}, not {etag}")
-        return part
-    if part.status != PartStatus.IN_FLIGHT or part.worker != worker:
+        if same_etag(part.etag, etag):
+            return part
+        raise InvalidTransition(f"part {number} of upload {upload_id} is done with ETag {part.etag}, not {etag}")
+    held_by_other = (part.status == PartStatus.IN_FLIGHT and part.worker != worker
+                     and not _expired(part.lease_expires_at, utcnow()))
+    if held_by_other or part.status == PartStatus.FAILED:
         return None
     return _move_part(session, part, PartStatus.DONE, reason, etag=etag, checksum=checksum,
                       worker=None, lease_expires_at=None, finished_at=utcnow(), last_error=None)
+
+
+def same_etag(a: str | None, b: str | None) -> bool:
+    """ETags compare without their quotes (stores differ in quoting them)."""
+    return (a or "").strip('"') == (b or "").strip('"')
 
 
 def release_for_retry(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
@@ -179,15 +193,16 @@ def release_for_retry(session: orm.Session, upload_id: uuid.UUID, number: int, w
                       attempts=Part.attempts if counted else Part.attempts - 1)
 
 
-def release_claims(session: orm.Session, worker: str, reason: str) -> int:
-    """Give back every claim `worker` holds, uncounted (it is shutting down); returns how many."""
+def release_claims(session: orm.Session, worker_prefix: str, reason: str) -> int:
+    """Give back, uncounted, every claim held by workers whose id starts with `worker_prefix`
+    (a worker node shutting down, its pool processes gone); returns how many."""
     held = session.execute(
-        sa.select(Part.upload_id, Part.part_number)
-        .where(Part.status == PartStatus.IN_FLIGHT, Part.worker == worker)
+        sa.select(Part.upload_id, Part.part_number, Part.worker)
+        .where(Part.status == PartStatus.IN_FLIGHT, Part.worker.startswith(worker_prefix, autoescape=True))
         .order_by(Part.upload_id, Part.part_number)
     ).all()
     return sum(release_for_retry(session, upload_id, number, worker, reason, counted=False) is not None
-               for upload_id, number in held)
+               for upload_id, number, worker in held)
 
 
 def fail_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str, error: str) -> Part | None:
@@ -246,6 +261,8 @@ def take_dispatch_ticket(session: orm.Session, upload_id: uuid.UUID, unless_sinc
 def mark_aborted(session: orm.Session, upload_id: uuid.UUID, reason: str) -> None:
     """The upload's multipart upload was aborted in S3 (nothing of it is billed any more)."""
     upload = _lock_upload(session, upload_id, write=True)
+    if upload.status not in (UploadStatus.FAILED, UploadStatus.CANCELLED):
+        raise InvalidTransition(f"upload {upload_id} is {upload.status}: its multipart upload must not be aborted")
     session.execute(sa.update(Upload).where(Upload.id == upload_id).values(s3_aborted_at=utcnow()))
     _record(session, upload_id, upload.status, upload.status, f"multipart upload aborted in S3: {reason}")
 

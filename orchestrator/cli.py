@@ -74,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 
     reconcile = commands.add_parser("reconcile", help="re-dispatch stalled uploads (all, or one by id)")
     reconcile.add_argument("upload_id", type=_upload_id, nargs="?")
+    reconcile.add_argument("--force", action="store_true",
+                           help="with an id: dispatch its missing parts even if it does not look stalled")
     reconcile.set_defaults(run=_reconcile)
 
     sweep = commands.add_parser("sweep", help="abort multipart uploads that nobody will complete")
@@ -126,7 +128,7 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
         snap = progress.snapshot(db, done.upload_id)
         print(f"resuming upload {done.upload_id} of this file to {done.destination}: "
               f"{snap.parts_done} of {snap.parts_total} parts already done", file=sys.stderr)
-        print(f"s3ferry: {reconciler.reconcile(settings, db, done.upload_id, force=True)}", file=sys.stderr)
+        print(f"s3ferry: {reconciler.reconcile(settings, db, done.upload_id)}", file=sys.stderr)
     else:
         if done.plan.adjusted:
             print(f"s3ferry: note: {done.plan.describe_adjustment()}", file=sys.stderr)
@@ -146,7 +148,7 @@ def _resume(args: argparse.Namespace, settings: Settings) -> int:
     if snap.status not in submit.RESUMABLE:
         raise UserError(f"upload {args.upload_id} is {snap.status}; it cannot be resumed")
     submit.check_broker(settings)
-    print(f"s3ferry: {reconciler.reconcile(settings, db, args.upload_id, force=True)}", file=sys.stderr)
+    print(f"s3ferry: {reconciler.reconcile(settings, db, args.upload_id)}", file=sys.stderr)
     return 0 if args.no_wait else wait(db, args.upload_id)
 
 
@@ -154,7 +156,7 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.database_url)
     submit.check_broker(settings)
     if args.upload_id:
-        reports = [reconciler.reconcile(settings, db, args.upload_id, force=True)]
+        reports = [reconciler.reconcile(settings, db, args.upload_id, force=args.force)]
     else:
         reports = reconciler.reconcile_stalled(settings, db)
     for report in reports:

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 
 from models import queries, transitions
 from models.db import Database
+from models.exceptions import InvalidTransition
 from models.settings import Settings
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload, utcnow
@@ -27,6 +28,8 @@ from orchestrator import submit
 from workers import reader, recovery, s3
 
 log = logging.getLogger(__name__)
+
+ACTIVE = (UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING)
 
 
 @dataclasses.dataclass
@@ -47,38 +50,66 @@ class Report:
 
 
 def stalled(db: Database, stall_seconds: float) -> list[uuid.UUID]:
-    """Uploads in progress or completing with no activity for `stall_seconds`."""
-    since = utcnow() - dt.timedelta(seconds=stall_seconds)
-    activity = (sa.select(Part.upload_id).where(
-        sa.or_(Part.started_at >= since, Part.finished_at >= since,
-               sa.and_(Part.status == PartStatus.IN_FLIGHT, Part.lease_expires_at >= utcnow()))))
+    """Uploads in progress or completing that need the reconciler.
+
+    Either Redis lost their last dispatch (its sentinel key is gone: the messages
+    and the chord with it), or nothing happened to them for `stall_seconds` while
+    the whole fleet was idle too. A busy fleet means their parts are only waiting
+    in the queue, behind other uploads' parts: not stalled.
+    """
+    from workers import app, backend
+
+    now = utcnow()
+    since = now - dt.timedelta(seconds=stall_seconds)
+    recent = sa.or_(Part.started_at >= since, Part.finished_at >= since,
+                    sa.and_(Part.status == PartStatus.IN_FLIGHT, Part.lease_expires_at >= now))
     with db.transaction() as session:
-        return list(session.scalars(
-            sa.select(Upload.id).where(
-                Upload.status.in_([UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING]),
-                Upload.updated_at < since,
-                sa.or_(Upload.dispatched_at.is_(None), Upload.dispatched_at < since),
-                Upload.id.not_in(activity))
-            .order_by(Upload.priority.desc(), Upload.created_at)))
+        active = [str(u) for u in session.scalars(
+            sa.select(Upload.id).where(Upload.status.in_(ACTIVE))
+            .order_by(Upload.priority.desc(), Upload.created_at))]
+        quiet = set(str(u) for u in session.scalars(sa.select(Upload.id).where(
+            Upload.status.in_(ACTIVE), Upload.updated_at < since,
+            sa.or_(Upload.dispatched_at.is_(None), Upload.dispatched_at < since),
+            Upload.id.not_in(sa.select(Part.upload_id).where(recent)))))
+        fleet_idle = session.scalar(sa.select(sa.func.count()).select_from(Part).where(recent)) == 0
+    lost = backend.lost_dispatches(app.app, active)
+    return [uuid.UUID(u) for u in active if u in lost or (u in quiet and fleet_idle)]
 
 
 def reconcile_stalled(settings: Settings, db: Database) -> list[Report]:
-    return [reconcile(settings, db, upload_id) for upload_id in stalled(db, settings.stall_seconds)]
+    reports = []
+    for upload_id in stalled(db, settings.stall_seconds):
+        try:
+            reports.append(reconcile(settings, db, upload_id))
+        except Exception as error:  # one upload's trouble must not stop the others
+            log.exception("reconciling failed: %s", error, extra={"upload_id": str(upload_id)})
+            reports.append(Report(upload_id, f"reconciling failed: {error}"))
+    return reports
 
 
 def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: bool = False) -> Report:
-    """Get one upload moving again. Without `force`, only if it is still stalled and no other
-    reconciler took it in the meantime."""
+    """Get one upload moving again if it is stalled (see stalled()); with `force`, whatever its state.
+
+    Running it while the upload is healthy changes nothing; running it twice at
+    once dispatches once (the dispatch ticket).
+    """
+    from workers import app, backend
+
     with db.transaction() as session:
         upload = queries.get_upload(session, upload_id)
-    if upload.status not in (UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING):
+    if upload.status not in ACTIVE:
         return Report(upload_id, f"nothing to do: the upload is {upload.status}")
-    since = None if force else utcnow() - dt.timedelta(seconds=settings.stall_seconds)
+    observed = utcnow()
+    if not force and upload_id not in stalled(db, settings.stall_seconds):
+        return Report(upload_id, "not stalled: its parts are on their way")
+    lost = bool(backend.lost_dispatches(app.app, [str(upload_id)]))
+    since = None if force else observed if lost else observed - dt.timedelta(seconds=settings.stall_seconds)
     with db.transaction() as session:
         if not transitions.take_dispatch_ticket(session, upload_id, since):
-            return Report(upload_id, "recently dispatched; left alone")
+            return Report(upload_id, "another reconciler just dispatched it")
     context = {"upload_id": str(upload_id)}
     if upload.status == UploadStatus.COMPLETING:
+        backend.mark_dispatched(app.app, str(upload_id), app.RESULT_EXPIRES)
         dispatch_completion(upload_id)
         log.warning("reconciler: completion dispatched again", extra=context)
         return Report(upload_id, "completion dispatched again")
@@ -90,7 +121,10 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
         report.adopted = _adopt_listed(db, upload)
     except reader.SourceChanged as error:
         with db.transaction() as session:
-            transitions.fail_upload(session, upload_id, str(error))
+            try:
+                transitions.fail_upload(session, upload_id, str(error))
+            except InvalidTransition:
+                pass
         report.action = f"failed: {error}"
         return report
     with db.transaction() as session:
@@ -104,6 +138,7 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
     elif held:
         report.action = f"{len(held)} part(s) in flight; nothing to dispatch"
     else:
+        backend.mark_dispatched(app.app, str(upload_id), app.RESULT_EXPIRES)
         dispatch_completion(upload_id)
         report.action = "all parts done; completion dispatched"
     log.warning("reconciler: %s", report, extra=context)
@@ -136,7 +171,12 @@ def _adopt_listed(db: Database, upload: Upload) -> list[int]:
         part = unrecorded.get(int(listed["PartNumber"]))
         if part is None:
             continue
-        checksum = recovery.verify(upload, part, listed)
+        try:
+            checksum = recovery.verify(upload, part, listed)
+        except reader.SourceUnavailable as error:  # not readable from here: let the workers decide
+            log.warning("cannot check listed parts here (%s); dispatching without them", error,
+                        extra={"upload_id": str(upload.id)})
+            return adopted
         if checksum is None:
             continue
         with db.transaction() as session:

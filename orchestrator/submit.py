@@ -125,8 +125,9 @@ def prepare(settings: Settings, db: Database, request: Request, *, max_retries: 
 
 def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int]) -> None:
     """One chord: a task per part, then the completion callback. Ids only in the messages."""
-    from workers import tasks  # the Celery app is configured from the environment on import
+    from workers import app, backend, tasks  # the Celery app is configured from the environment on import
 
+    backend.mark_dispatched(tasks.app, str(upload_id), app.RESULT_EXPIRES)
     header = [tasks.upload_part.si(str(upload_id), n) for n in part_numbers]
     chord(header)(tasks.complete_upload.s(str(upload_id)))
 

@@ -3,7 +3,7 @@
 - cancelled uploads, and failed ones older than `older_than` (until then
   `s3ferry retry` may still resume them), still holding a multipart upload;
 - with `unknown_in` (s3://bucket/prefix): multipart uploads under that prefix
-  older than `older_than` that s3ferry does not know, or knows as finished.
+  older than `older_than` (at least an hour) that s3ferry does not know.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from workers import s3
 
 log = logging.getLogger(__name__)
 
-LIVE = (UploadStatus.QUEUED, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING, UploadStatus.PAUSED)
+#: Multipart uploads younger than this are never swept as unknown: their s3ferry row may
+#: not be written yet (the multipart upload is created first), and clocks differ.
+MIN_UNKNOWN_AGE = dt.timedelta(hours=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,41 +53,55 @@ def sweep(db: Database, older_than: dt.timedelta, dry_run: bool = False,
 def _sweep_known(db: Database, older_than: dt.timedelta, dry_run: bool) -> list[Swept]:
     cutoff = utcnow() - older_than
     with db.transaction() as session:
-        uploads = session.scalars(sa.select(Upload).where(
-            Upload.s3_upload_id.is_not(None), Upload.s3_aborted_at.is_(None),
-            sa.or_(Upload.status == UploadStatus.CANCELLED,
-                   sa.and_(Upload.status == UploadStatus.FAILED, Upload.finished_at < cutoff)))).all()
+        candidates = session.scalars(sa.select(Upload.id).where(_sweepable(cutoff))).all()
     swept = []
-    for upload in uploads:
-        why = f"s3ferry upload {upload.id} is {upload.status}"
-        aborted = not dry_run and _abort(s3.make_client(upload.endpoint_url, retries=3), upload.bucket,
-                                         upload.key, str(upload.s3_upload_id))
-        if aborted:
-            with db.transaction() as session:
+    for upload_id in candidates:
+        # Re-checked under the row lock, held across the abort: an upload being revived
+        # (retry) waits for the sweep, then finds its multipart upload marked aborted.
+        with db.transaction() as session:
+            upload = session.scalars(sa.select(Upload).where(Upload.id == upload_id, _sweepable(cutoff))
+                                     .with_for_update()).first()
+            if upload is None:
+                continue
+            why = f"s3ferry upload {upload.id} is {upload.status}"
+            aborted = not dry_run and _abort(s3.make_client(upload.endpoint_url, retries=3), upload.bucket,
+                                             upload.key, str(upload.s3_upload_id))
+            if aborted:
                 transitions.mark_aborted(session, upload.id, "swept")
-        swept.append(Swept(upload.bucket, upload.key, str(upload.s3_upload_id), why, aborted))
+            swept.append(Swept(upload.bucket, upload.key, str(upload.s3_upload_id), why, aborted))
     return swept
 
 
+def _sweepable(cutoff: dt.datetime) -> sa.ColumnElement[bool]:
+    return sa.and_(Upload.s3_upload_id.is_not(None), Upload.s3_aborted_at.is_(None),
+                   sa.or_(Upload.status == UploadStatus.CANCELLED,
+                          sa.and_(Upload.status == UploadStatus.FAILED, Upload.finished_at < cutoff)))
+
+
 def _sweep_unknown(db: Database, older_than: dt.timedelta, dry_run: bool, where: str) -> list[Swept]:
+    if older_than < MIN_UNKNOWN_AGE:
+        raise UserError(f"--older-than must be at least {MIN_UNKNOWN_AGE} with --unknown-in: a younger "
+                        "multipart upload may belong to an upload that is just starting")
     if not where.startswith("s3://"):
         raise UserError(f"{where!r} is not of the form s3://bucket/prefix")
     bucket, _, prefix = where.removeprefix("s3://").partition("/")
     destination.check_bucket(bucket)
     client = s3.make_client(retries=3)
     cutoff = utcnow() - older_than
-    with db.transaction() as session:
-        live = set(session.scalars(sa.select(Upload.s3_upload_id).where(
-            Upload.s3_upload_id.is_not(None), Upload.status.in_(LIVE))))
     swept = []
     for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
         for mpu in page.get("Uploads", []):
-            if mpu["UploadId"] in live or mpu["Initiated"] >= cutoff:
-                continue
-            why = f"not an active s3ferry upload; initiated {mpu['Initiated']:%Y-%m-%d %H:%M}"
+            if mpu["Initiated"] >= cutoff or _known(db, mpu["UploadId"]):
+                continue  # young, or s3ferry's own (which the known sweep handles by its status)
+            why = f"unknown to s3ferry; initiated {mpu['Initiated']:%Y-%m-%d %H:%M}"
             aborted = not dry_run and _abort(client, bucket, mpu["Key"], mpu["UploadId"])
             swept.append(Swept(bucket, mpu["Key"], mpu["UploadId"], why, aborted))
     return swept
+
+
+def _known(db: Database, s3_upload_id: str) -> bool:
+    with db.transaction() as session:
+        return session.scalar(sa.select(Upload.id).where(Upload.s3_upload_id == s3_upload_id)) is not None
 
 
 def _abort(client: object, bucket: str, key: str, s3_upload_id: str) -> bool:

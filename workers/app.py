@@ -5,7 +5,9 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 
 from celery import Celery, signals
 
@@ -57,7 +59,7 @@ def make_app(settings: Settings) -> Celery:
         broker_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT},
         # On SIGTERM (mapped to Celery's cold shutdown by REMAP_SIGTERM=SIGQUIT, which
         # `s3ferry worker` and the image set), parts in flight get this long to finish; the
-        # rest are requeued and their claims released (see _at_exit below).
+        # rest are requeued and their claims released (see _release_claims_at_exit below).
         worker_soft_shutdown_timeout=settings.soft_shutdown_seconds,
         result_expires=RESULT_EXPIRES,
         result_extended=False,
@@ -94,19 +96,34 @@ def _reconcile_on_start(sender: object = None, **_: object) -> None:
 
 
 @signals.worker_process_shutdown.connect
-def _at_exit(**_: object) -> None:
-    # Give back the claims this process still holds, so other workers take the parts now
-    # rather than after the lease expires.
-    rt = runtime.current()
-    if rt is not None:
-        try:
-            with rt.db.transaction() as session:
-                released = transitions.release_claims(session, rt.worker_id, "worker shutting down")
-            if released:
-                log.warning("released %d part claim(s) on shutdown", released)
-        except Exception as error:  # noqa: BLE001 - the lease expires anyway
-            log.warning("could not release claims on shutdown: %s", error)
+def _at_process_exit(**_: object) -> None:
     runtime.reset()
+
+
+@signals.worker_init.connect
+def _release_claims_at_exit(**_: object) -> None:
+    # Celery's cold shutdown (what SIGTERM becomes after the soft shutdown) sends no
+    # worker_shutdown signal, so the main process releases at interpreter exit, after the
+    # pool is gone (parts that outlived the soft shutdown were killed, their messages
+    # requeued): every claim this node's processes held goes back, and other workers take
+    # those parts now rather than when the leases expire.
+    main = os.getpid()
+    atexit.register(_release_claims, main)
+
+
+def _release_claims(main: int) -> None:
+    if os.getpid() != main:  # a forked pool process inherits atexit handlers: not its job
+        return
+    rt = runtime.get()
+    try:
+        with rt.db.transaction() as session:
+            released = transitions.release_claims(session, runtime.node_prefix(), "worker shutting down")
+        if released:
+            log.warning("released %d part claim(s) at shutdown", released)
+    except Exception as error:  # noqa: BLE001 - the leases expire anyway
+        log.warning("could not release claims at shutdown: %s", error)
+    finally:
+        runtime.reset()
 
 
 @signals.after_setup_logger.connect

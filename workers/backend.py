@@ -28,3 +28,28 @@ def url_for(result_backend: str) -> str:
     if result_backend.startswith(("redis://", "rediss://", "redis+socket://")):
         return f"{__name__}:RedisBackend+{result_backend}"
     return result_backend
+
+
+#: Set (before publishing) for every dispatch of an upload's parts, with the lifetime of
+#: the chord's own keys. Gone means Redis lost the dispatch: its messages and its chord.
+SENTINEL = "s3ferry:dispatched:{}"
+
+
+def mark_dispatched(app: object, upload_id: str, seconds: int) -> None:
+    client = _client(app)
+    if client is not None:
+        client.set(SENTINEL.format(upload_id), "1", ex=seconds)
+
+
+def lost_dispatches(app: object, upload_ids: list[str]) -> set[str]:
+    """The uploads whose last dispatch Redis no longer knows (empty if the backend is not Redis)."""
+    client = _client(app)
+    if client is None or not upload_ids:
+        return set()
+    present = client.mget([SENTINEL.format(u) for u in upload_ids])
+    return {u for u, value in zip(upload_ids, present, strict=True) if value is None}
+
+
+def _client(app: object):  # type: ignore[no-untyped-def]
+    backend = app.backend  # type: ignore[attr-defined]
+    return backend.client if isinstance(backend, celery_redis.RedisBackend) else None

@@ -55,6 +55,8 @@ def complete(rt: Runtime, upload_id: uuid.UUID, collected: Iterable[Mapping[str,
     if upload.status not in (UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING):
         log.info("upload is %s; not completing it", upload.status, extra=context)
         return upload.status
+    with rt.db.transaction() as session:
+        transitions.touch(session, upload_id)  # a completion that is retrying is not a stalled one
     missing = [p.part_number for p in parts if p.status != PartStatus.DONE]
     if missing:
         log.warning("completion called before every part is done (%d missing, first %s); nothing changed",
@@ -95,7 +97,7 @@ def _check_collected(parts: Sequence[Part], collected: Iterable[Mapping[str, obj
         part = by_number.get(number)  # type: ignore[arg-type]
         if part is None:
             return f"the chord returned part {number}, which this upload does not have"
-        if result.get("etag") != part.etag:
+        if not transitions.same_etag(str(result.get("etag") or ""), part.etag):
             return f"part {number}: the chord collected ETag {result.get('etag')}, Postgres holds {part.etag}"
     return None
 
@@ -120,6 +122,9 @@ def _complete_in_s3(rt: Runtime, upload: Upload, parts: Sequence[Part], attempt:
     try:
         head = client.head_object(Bucket=upload.bucket, Key=upload.key)
     except Exception as error:
+        if maybe_done_before and s3.error_code(error) in ("404", "NoSuchKey") and attempt < upload.max_retries:
+            # Another completion of this upload may be finishing right now: look again shortly.
+            raise RetryLater("NoSuchUpload, and no object yet", retry.backoff(attempt + 1, 1.0, 30.0)) from error
         _s3_failed(rt, upload, error, attempt)
     if head["ContentLength"] != upload.source_size:
         _fail(rt, upload.id, f"the object is {head['ContentLength']} bytes; the source is {upload.source_size}")

@@ -106,6 +106,10 @@ class SourceChanged(Exception):
     """The source file changed since it was submitted."""
 
 
+class SourceUnavailable(SourceChanged):
+    """The source file is missing or unreadable here (deleted, or not mounted on this host)."""
+
+
 def path_from_uri(uri: str) -> str:
     """`file:///data/a%20b.mp4` -> `/data/a b.mp4`."""
     parsed = urlparse(uri)
@@ -119,9 +123,9 @@ def check_unchanged(path: str, size: int, mtime_ns: int, inode: int) -> None:
     try:
         info = os.stat(path)
     except FileNotFoundError:
-        raise SourceChanged(f"source {path} no longer exists") from None
+        raise SourceUnavailable(f"source {path} no longer exists") from None
     except OSError as error:
-        raise SourceChanged(f"source {path} cannot be read: {error.strerror}") from None
+        raise SourceUnavailable(f"source {path} cannot be read: {error.strerror}") from None
     changes = [
         f"{name} {before} -> {after}"
         for name, before, after in (("size", size, info.st_size), ("mtime_ns", mtime_ns, info.st_mtime_ns),

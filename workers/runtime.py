@@ -25,14 +25,13 @@ class Runtime:
     settings: Settings
     db: Database
     pid: int = dataclasses.field(default_factory=os.getpid)
-    #: unique per process: host names and pids repeat across containers
-    token: str = dataclasses.field(default_factory=lambda: secrets.token_hex(4))
     _clients: dict[str | None, BaseClient] = dataclasses.field(default_factory=dict)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
     @property
     def worker_id(self) -> str:
-        return f"{socket.gethostname()}:{self.pid}:{self.token}"
+        """`host:node:pid`: the node token tells apart containers whose host names and pids repeat."""
+        return f"{node_prefix()}{self.pid}"
 
     def s3(self, endpoint_url: str | None) -> BaseClient:
         """The S3 client for an upload's endpoint (one per endpoint per process)."""
@@ -44,6 +43,16 @@ class Runtime:
 
     def close(self) -> None:
         self.db.dispose()
+
+
+#: Made once per worker node, before the pool forks, so every pool process shares it:
+#: the node can release all of its processes' claims at shutdown (node_prefix()).
+NODE_TOKEN = secrets.token_hex(4)
+
+
+def node_prefix() -> str:
+    """The start of every worker id of this node's processes."""
+    return f"{socket.gethostname()}:{NODE_TOKEN}:"
 
 
 _current: Runtime | None = None

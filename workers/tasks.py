@@ -57,7 +57,7 @@ def reconcile(upload_id: str | None = None) -> list[str]:
 
     rt = runtime.get()
     if upload_id:
-        return [str(reconciler.reconcile(rt.settings, rt.db, uuid.UUID(upload_id), force=True))]
+        return [str(reconciler.reconcile(rt.settings, rt.db, uuid.UUID(upload_id)))]
     return [str(report) for report in reconciler.reconcile_stalled(rt.settings, rt.db)]
 
 

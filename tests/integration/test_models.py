@@ -196,7 +196,7 @@ def test_leases_are_renewed_only_by_their_holder(state: Database) -> None:
 
 def test_uncounted_release_and_release_on_shutdown(state: Database) -> None:
     upload_id = new_upload(state, parts=3)
-    w1, w2 = f"w1-{upload_id}", f"w2-{upload_id}"  # release_claims spans uploads: names of this test only
+    w1, w2 = f"n1-{upload_id}:1", f"n2-{upload_id}:1"  # release_claims spans uploads: names of this test only
     with state.transaction() as session:
         transitions.start_upload(session, upload_id, "mpu", "created")
         for number in (1, 2):
@@ -205,7 +205,7 @@ def test_uncounted_release_and_release_on_shutdown(state: Database) -> None:
         part = transitions.release_for_retry(session, upload_id, 1, w1, "endpoint unreachable", counted=False)
         assert part is not None and part.attempts == 0
     with state.transaction() as session:
-        assert transitions.release_claims(session, w1, "worker shutting down") == 1
+        assert transitions.release_claims(session, f"n1-{upload_id}:", "worker shutting down") == 1
         rows = queries.parts(session, upload_id)
         upload = queries.get_upload(session, upload_id)
     assert [(p.status, p.worker, p.attempts) for p in rows] == [
@@ -265,3 +265,17 @@ def test_concurrent_claims_give_the_part_to_exactly_one_worker(database_url: str
             moves = [e.to_status for e in queries.events(session, upload_id) if e.part_number == number]
             assert all(a != b for a, b in zip(moves, moves[1:], strict=False)), moves  # never claimed while held
     assert len(claims) == sum(1 for _, _, outcome in outcomes if outcome == "claimed")
+
+
+def test_a_part_that_landed_after_its_lease_ran_out_is_still_recorded(state: Database) -> None:
+    """A database outage outlived the lease: the part went back to pending, but S3's ETag proves it."""
+    upload_id = new_upload(state, parts=1)
+    with state.transaction() as session:
+        transitions.start_upload(session, upload_id, "mpu", "created")
+        transitions.claim_part(session, upload_id, 1, "w1", 60)
+        session.execute(sa.update(Part).where(Part.upload_id == upload_id)
+                        .values(lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
+    with state.transaction() as session:
+        assert transitions.release_expired(session, upload_id) == [1]
+        part = transitions.finish_part(session, upload_id, 1, "w1", '"e1"', "c", "landed late")
+    assert part is not None and part.status == PartStatus.DONE

@@ -4,7 +4,6 @@ stalled completions, and the sweeper. The reconciler is driven directly."""
 from __future__ import annotations
 
 import base64
-import dataclasses
 import datetime as dt
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from models import queries, transitions
+from models.exceptions import UserError
 from models.settings import Settings
 from models.states import UploadStatus
 from models.tables import Part
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def settings(service_env) -> Settings:  # type: ignore[no-untyped-def]
-    return dataclasses.replace(Settings.from_env(), stall_seconds=0)
+    return Settings.from_env()
 
 
 def prepare(settings: Settings, db, path: Path, bucket: str, size: int) -> tuple[submit.Submitted, str]:  # type: ignore[no-untyped-def]
@@ -88,7 +88,6 @@ def test_a_part_with_a_live_claim_is_not_dispatched(settings, db, bucket, tmp_pa
     with db.transaction() as session:
         transitions.claim_part(session, up.upload_id, 1, "busy-host:1:x", 600)
         transitions.claim_part(session, up.upload_id, 2, "busy-host:1:x", 600)
-    assert up.upload_id not in reconciler.stalled(db, 60)
 
     report = reconciler.reconcile(settings, db, up.upload_id, force=True)
 
@@ -117,7 +116,10 @@ def test_a_stalled_completion_is_dispatched_again(worker, settings, db, s3, buck
 
 
 def test_the_sweeper_aborts_failed_uploads_past_their_ttl_and_unknown_ones(settings, db, s3, bucket,  # type: ignore[no-untyped-def]
-                                                                            tmp_path: Path) -> None:
+                                                                            tmp_path: Path, monkeypatch) -> None:
+    with pytest.raises(UserError, match="at least 1:00:00"):
+        sweeper.sweep(db, dt.timedelta(minutes=5), unknown_in=f"s3://{bucket}/tmp/")
+    monkeypatch.setattr(sweeper, "MIN_UNKNOWN_AGE", dt.timedelta(0))  # moto's uploads are all brand new
     failed, _ = prepare(settings, db, tmp_path / "failed.bin", bucket, 6 * MiB)
     live, _ = prepare(settings, db, tmp_path / "live.bin", bucket, 6 * MiB)
     with db.transaction() as session:
@@ -143,3 +145,38 @@ def test_the_sweeper_aborts_failed_uploads_past_their_ttl_and_unknown_ones(setti
     assert mine(sweeper.sweep(db, dt.timedelta(0))) == []  # nothing twice
     with db.transaction() as session:
         transitions.fail_upload(session, live.upload_id, "test over")
+
+
+def test_a_healthy_upload_waiting_in_the_queue_is_not_stalled(settings, db, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Parts queued behind other uploads' parts look quiet; only a lost dispatch or an idle fleet is a stall."""
+    from workers import app, backend
+
+    up, _ = prepare(settings, db, tmp_path / "waiting.bin", bucket, 6 * MiB)
+    backend.mark_dispatched(app.app, str(up.upload_id), 60)  # its messages are in Redis
+    other, _ = prepare(settings, db, tmp_path / "busy.bin", bucket, 6 * MiB)
+    with db.transaction() as session:  # the fleet is busy with another upload's part
+        transitions.claim_part(session, other.upload_id, 1, "busy-host:1:1", 600)
+    try:
+        assert up.upload_id not in reconciler.stalled(db, 0)
+        report = reconciler.reconcile(settings, db, up.upload_id)
+        assert report.action == "not stalled: its parts are on their way" and report.dispatched == []
+
+        app.app.backend.client.delete(backend.SENTINEL.format(up.upload_id))  # Redis lost the dispatch
+        assert up.upload_id in reconciler.stalled(db, 0)
+    finally:
+        with db.transaction() as session:
+            for upload_id in (up.upload_id, other.upload_id):
+                transitions.fail_upload(session, upload_id, "test over")
+
+
+def test_two_reconcilers_dispatch_a_lost_upload_once(settings, db, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    up, _ = prepare(settings, db, tmp_path / "twice.bin", bucket, 6 * MiB)
+    with db.transaction() as session:  # keep the worker from finishing it between the two calls
+        transitions.claim_part(session, up.upload_id, 1, "busy-host:1:1", 600)
+    first = reconciler.reconcile(settings, db, up.upload_id)
+    second = reconciler.reconcile(settings, db, up.upload_id)
+    assert first.dispatched == [2]
+    assert second.dispatched == [] and second.action in (
+        "not stalled: its parts are on their way", "another reconciler just dispatched it")
+    with db.transaction() as session:
+        transitions.fail_upload(session, up.upload_id, "test over")

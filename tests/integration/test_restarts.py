@@ -139,3 +139,35 @@ def test_resume_by_id_dispatches_what_is_missing_and_refuses_a_failed_upload(  #
     refused = run_cli(["resume", str(failed.upload_id)], service_env)
     assert refused.returncode == 2
     assert refused.stderr.strip() == f"s3ferry: error: upload {failed.upload_id} is failed; it cannot be resumed"
+
+
+def test_parts_that_outlive_the_soft_shutdown_are_released_at_once(  # type: ignore[no-untyped-def]
+        service_env, s3, bucket, db, s3_endpoint: str, tmp_path: Path) -> None:
+    upstream = urlparse(s3_endpoint)
+    crawl = FlakyProxy(upstream.hostname, upstream.port)
+    crawl.limit(1 * MiB)  # a part takes seconds: it cannot finish within the 1 s soft shutdown
+    queue = f"sigterm-{uuid.uuid4().hex[:8]}"
+    env = {**service_env, "AWS_ENDPOINT_URL": crawl.url, "S3FERRY_QUEUE": queue, "S3FERRY_SOFT_SHUTDOWN_SECONDS": "1"}
+    source = tmp_path / "long.bin"
+    sha256 = write_random(source, 15 * MiB)
+    first = services.start_worker(tmp_path, env, "impatient", concurrency=2)
+    try:
+        run = run_cli(["upload", str(source), f"s3://{bucket}/long.bin", "--part-size", "5MiB", "--no-wait"], env)
+        assert run.returncode == 0, run.stderr
+        upload_id = uuid.UUID(run.stdout.strip().splitlines()[0])
+        wait_until(lambda: _in_flight(db, upload_id) == 2)
+        assert first.process is not None
+        os.kill(first.process.pid, signal.SIGTERM)
+        first.process.wait(60)
+        assert _in_flight(db, upload_id) == 0  # released at shutdown, not 120 s later by lease expiry
+        assert "released 2 part claim(s) at shutdown" in first.output()
+    finally:
+        first.stop()
+    crawl.limit(None)
+    second = services.start_worker(tmp_path, env, "patient", concurrency=2)
+    try:
+        assert wait_status(db, upload_id, FINISHED, timeout=60) == UploadStatus.COMPLETE
+    finally:
+        second.stop()
+        crawl.close()
+    assert sha256_of_object(s3, bucket, "long.bin") == sha256
