@@ -61,7 +61,8 @@ def run(work: Path, source: Path, scenario: str) -> dict[str, object]:
     env = {"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "b",
            "AWS_SECRET_ACCESS_KEY": "b", "AWS_REGION": "us-east-1", "S3FERRY_DATABASE_URL": db_url,
            "S3FERRY_BROKER_URL": f"{redis_url}/0", "S3FERRY_RESULT_BACKEND": f"{redis_url}/1",
-           "S3FERRY_LEASE_SECONDS": "6", "S3FERRY_STALL_SECONDS": "8", "S3FERRY_RECONCILE_INTERVAL": "2"}
+           "S3FERRY_LEASE_SECONDS": "6", "S3FERRY_STALL_SECONDS": "8", "S3FERRY_RECONCILE_INTERVAL": "2",
+           "S3FERRY_RETRY_BACKOFF_MAX": "2"}
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="b",
                  aws_secret_access_key="b").create_bucket(Bucket="bench")
     workers = [services.start_worker(work, env, f"{scenario}-w{i}", concurrency=2) for i in range(2)]
