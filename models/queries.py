@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import uuid
 from collections.abc import Sequence
 
@@ -51,3 +52,9 @@ def parts(session: orm.Session, upload_id: uuid.UUID) -> Sequence[Part]:
 def events(session: orm.Session, upload_id: uuid.UUID) -> Sequence[UploadEvent]:
     return session.scalars(sa.select(UploadEvent).where(UploadEvent.upload_id == upload_id)
                            .order_by(UploadEvent.id)).all()
+
+
+def bytes_finished_since(session: orm.Session, upload_id: uuid.UUID, since: dt.datetime) -> int:
+    """Bytes of the parts that landed since `since` (the recent rate of an upload)."""
+    return int(session.scalar(sa.select(sa.func.coalesce(sa.func.sum(Part.size), 0)).where(
+        Part.upload_id == upload_id, Part.status == PartStatus.DONE, Part.finished_at >= since)) or 0)

@@ -39,6 +39,9 @@ class Settings:
     queue: str = "s3ferry"
     #: Default part size of new uploads (raised automatically past 10,000 parts).
     part_size: int = 32 * MiB
+    #: How many uploads run at once (the rest wait, queued): 1 is one file at a time,
+    #: with its parts in parallel. Raise it for large fleets.
+    max_active_uploads: int = 1
     #: Retries of one part (transient errors) before its upload fails.
     max_retries: int = 8
     #: How long a worker's claim on a part lasts without being renewed (it is renewed every

@@ -30,7 +30,7 @@ UPLOAD_ACTIVE = frozenset({UploadStatus.QUEUED, UploadStatus.IN_PROGRESS, Upload
 
 #: to-status -> the statuses it may be reached from.
 UPLOAD_MOVES: dict[UploadStatus, frozenset[UploadStatus]] = {
-    UploadStatus.IN_PROGRESS: frozenset({UploadStatus.QUEUED, UploadStatus.PAUSED}),
+    UploadStatus.IN_PROGRESS: frozenset({UploadStatus.QUEUED}),  # a resumed upload queues again first
     UploadStatus.COMPLETING: frozenset({UploadStatus.IN_PROGRESS}),
     UploadStatus.COMPLETE: frozenset({UploadStatus.COMPLETING}),
     UploadStatus.FAILED: frozenset({UploadStatus.QUEUED, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING}),

@@ -59,6 +59,55 @@ def start_upload(session: orm.Session, upload_id: uuid.UUID, s3_upload_id: str |
                  s3_upload_id=s3_upload_id, started_at=now, dispatched_at=now)
 
 
+def pause(session: orm.Session, upload_id: uuid.UUID, reason: str) -> UploadStatus:
+    """No new part starts; parts in flight finish; queued messages are skipped when they arrive."""
+    return _move_upload(session, upload_id, UploadStatus.PAUSED, reason)
+
+
+def requeue(session: orm.Session, upload_id: uuid.UUID, reason: str) -> UploadStatus:
+    """A paused upload waits for the scheduler again (with its priority and age)."""
+    return _move_upload(session, upload_id, UploadStatus.QUEUED, reason)
+
+
+def cancel(session: orm.Session, upload_id: uuid.UUID, reason: str) -> UploadStatus:
+    return _move_upload(session, upload_id, UploadStatus.CANCELLED, reason, finished_at=utcnow())
+
+
+def retry_failed(session: orm.Session, upload_id: uuid.UUID, reason: str) -> bool:
+    """A failed upload queues again with its retry counters reset. Its done parts are kept,
+    unless its multipart upload was swept (aborted) meanwhile: then every part is sent again.
+    Returns whether the done parts were kept."""
+    upload = _lock_upload(session, upload_id, write=True)
+    kept = upload.s3_aborted_at is None
+    _move_upload(session, upload_id, UploadStatus.QUEUED, reason, retry_count=0, last_retry_at=None,
+                 finished_at=None, **({} if kept else {"s3_upload_id": None, "s3_aborted_at": None}))
+    reset = sa.update(Part).where(Part.upload_id == upload_id)
+    if kept:
+        reset = reset.where(Part.status != PartStatus.DONE)
+    session.execute(reset.values(status=PartStatus.PENDING, attempts=0, worker=None, lease_expires_at=None,
+                                 **({} if kept else {"etag": None, "checksum": None, "finished_at": None})))
+    return kept
+
+
+def set_priority(session: orm.Session, upload_id: uuid.UUID, priority: int) -> None:
+    upload = _lock_upload(session, upload_id, write=True)
+    if upload.status in (UploadStatus.COMPLETE, UploadStatus.CANCELLED):
+        raise InvalidTransition(f"upload {upload_id} is {upload.status}: its priority no longer matters")
+    session.execute(sa.update(Upload).where(Upload.id == upload_id)
+                    .values(priority=priority, updated_at=utcnow()))
+    _record(session, upload_id, upload.status, upload.status, f"priority {upload.priority} -> {priority}")
+
+
+def set_multipart(session: orm.Session, upload_id: uuid.UUID, s3_upload_id: str) -> bool:
+    """Record the upload's multipart upload id, unless one is recorded already (False then)."""
+    recorded = session.execute(
+        sa.update(Upload).where(Upload.id == upload_id, Upload.s3_upload_id.is_(None),
+                                Upload.status == UploadStatus.IN_PROGRESS)
+        .values(s3_upload_id=s3_upload_id, s3_aborted_at=None, updated_at=utcnow()).returning(Upload.id)
+    ).first()
+    return recorded is not None
+
+
 def touch(session: orm.Session, upload_id: uuid.UUID) -> None:
     """Something happened to the upload (a completion attempt): it is not stalled."""
     session.execute(sa.update(Upload).where(Upload.id == upload_id).values(updated_at=utcnow()))

@@ -18,13 +18,15 @@ from models.db import Database
 from models.exceptions import S3FerryError, UserError
 from models.settings import Settings, format_size, parse_size
 from models.states import UploadStatus
-from orchestrator import progress, reconciler, submit, sweeper
+from orchestrator import operations, progress, reconciler, submit, sweeper
 from workers import logs
 
 log = logging.getLogger("s3ferry")
 
 EXIT_FAILED = 1  # the upload (or command) failed
 EXIT_USAGE = 2  # bad input: nothing was changed
+
+WATCHED = (UploadStatus.QUEUED, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING, UploadStatus.PAUSED)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -67,10 +69,31 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(run=_status)
 
-    resume = commands.add_parser("resume", help="get an unfinished upload moving again, and watch it")
+    resume = commands.add_parser("resume", help="resume a paused upload, or get a stalled one moving; and watch it")
     resume.add_argument("upload_id", type=_upload_id)
-    resume.add_argument("--no-wait", action="store_true", help="return once its parts are dispatched")
+    resume.add_argument("--no-wait", action="store_true", help="return at once")
     resume.set_defaults(run=_resume)
+
+    for name, text in (("pause", "no new part starts; parts in flight finish"),
+                       ("cancel", "stop an upload and abort its multipart upload in S3"),
+                       ("retry", "queue a failed upload again, from its done parts, retry counters reset")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("upload_id", type=_upload_id)
+        command.set_defaults(run=_operation(name))
+
+    priority = commands.add_parser("priority", help="set an upload's priority (higher runs first)")
+    priority.add_argument("upload_id", type=_upload_id)
+    priority.add_argument("priority", type=int)
+    priority.set_defaults(run=_priority)
+
+    ls = commands.add_parser("ls", help="list uploads, newest first")
+    ls.add_argument("--status", help="only uploads in this status")
+    ls.add_argument("--limit", type=int, default=50)
+    ls.set_defaults(run=_ls)
+
+    watch = commands.add_parser("watch", help="live progress of uploads (default: all active and queued)")
+    watch.add_argument("upload_ids", type=_upload_id, nargs="*", metavar="UPLOAD_ID")
+    watch.set_defaults(run=_watch)
 
     reconcile = commands.add_parser("reconcile", help="re-dispatch stalled uploads (all, or one by id)")
     reconcile.add_argument("upload_id", type=_upload_id, nargs="?")
@@ -134,6 +157,9 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
             print(f"s3ferry: note: {done.plan.describe_adjustment()}", file=sys.stderr)
         print(f"uploading {format_size(done.size)} to {done.destination} in {len(done.plan.parts)} part(s) "
               f"of {format_size(done.plan.part_size)}", file=sys.stderr)
+        if progress.snapshot(db, done.upload_id).status == UploadStatus.QUEUED:
+            print("queued: it starts when a running upload finishes (`s3ferry ls` shows the queue)",
+                  file=sys.stderr)
     if args.no_wait:
         return 0
     return wait(db, done.upload_id)
@@ -141,15 +167,58 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
 
 def _resume(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.database_url)
-    snap = progress.snapshot(db, args.upload_id)
-    if snap.status == UploadStatus.COMPLETE:
-        print(f"upload {args.upload_id} is already complete: {snap.destination}", file=sys.stderr)
+    if progress.snapshot(db, args.upload_id).status == UploadStatus.COMPLETE:
+        print(f"upload {args.upload_id} is already complete", file=sys.stderr)
         return 0
-    if snap.status not in submit.RESUMABLE:
-        raise UserError(f"upload {args.upload_id} is {snap.status}; it cannot be resumed")
     submit.check_broker(settings)
-    print(f"s3ferry: {reconciler.reconcile(settings, db, args.upload_id)}", file=sys.stderr)
+    print(f"s3ferry: {operations.resume(settings, db, args.upload_id)}", file=sys.stderr)
     return 0 if args.no_wait else wait(db, args.upload_id)
+
+
+def _operation(name: str):  # type: ignore[no-untyped-def]
+    def run(args: argparse.Namespace, settings: Settings) -> int:
+        db = Database(settings.database_url)
+        submit.check_broker(settings)  # each may start the next queued upload
+        print(getattr(operations, name)(settings, db, args.upload_id))
+        return 0
+    return run
+
+
+def _priority(args: argparse.Namespace, settings: Settings) -> int:
+    print(operations.set_priority(Database(settings.database_url), args.upload_id, args.priority))
+    return 0
+
+
+def _ls(args: argparse.Namespace, settings: Settings) -> int:
+    uploads = operations.list_uploads(Database(settings.database_url), args.status, args.limit)
+    print(f"{'ID':36}  {'STATUS':11}  {'PRI':>3}  {'SIZE':>10}  {'CREATED':19}  DESTINATION")
+    for upload in uploads:
+        print(f"{str(upload.id):36}  {upload.status:11}  {upload.priority:>3}  "
+              f"{format_size(upload.source_size):>10}  {upload.created_at:%Y-%m-%d %H:%M:%S}  "
+              f"s3://{upload.bucket}/{upload.key}")
+    return 0
+
+
+def _watch(args: argparse.Namespace, settings: Settings) -> int:
+    db = Database(settings.database_url)
+    tty = sys.stdout.isatty()
+    shown = 0
+    try:
+        while True:
+            ids = args.upload_ids or [u.id for u in operations.list_uploads(db, None, 1000)
+                                      if u.status in WATCHED]
+            snaps = [progress.snapshot(db, upload_id) for upload_id in ids]
+            lines = [f"{s.id[:8]} {s.status:11} {progress.render(s, width=20)}  {s.destination}" for s in snaps]
+            if tty and shown:
+                print(f"\x1b[{shown}F", end="")
+            print("\n".join(line + ("\x1b[K" if tty else "") for line in lines) or "no active or queued upload",
+                  flush=True)
+            shown = max(len(lines), 1)
+            if all(s.finished for s in snaps):
+                return 0 if all(s.status == UploadStatus.COMPLETE for s in snaps) else EXIT_FAILED
+            time.sleep(1.0 if tty else 10.0)
+    except KeyboardInterrupt:
+        return 130
 
 
 def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
@@ -201,18 +270,16 @@ def _duration(text: str) -> dt.timedelta:
 
 def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25) -> int:
     """Show a progress bar until the upload completes (0) or fails (1)."""
-    meter = progress.RateMeter()
     tty = sys.stderr.isatty()
     last_line = 0.0
     try:
         while True:
             snap = progress.snapshot(db, upload_id)
-            meter.add(snap.bytes_done)
             now = time.monotonic()
             if tty:
-                print("\r" + progress.render(snap, meter) + "\x1b[K", end="", file=sys.stderr, flush=True)
+                print("\r" + progress.render(snap) + "\x1b[K", end="", file=sys.stderr, flush=True)
             elif now - last_line >= 10 or snap.finished:
-                print(progress.render(snap, meter), file=sys.stderr, flush=True)
+                print(progress.render(snap), file=sys.stderr, flush=True)
                 last_line = now
             if snap.finished:
                 break
@@ -226,7 +293,7 @@ def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25) -> int:
     if snap.status == UploadStatus.COMPLETE:
         print(f"complete: {snap.destination} ETag {snap.etag}", file=sys.stderr)
         return 0
-    print(f"s3ferry: upload {snap.status}: {snap.last_error}", file=sys.stderr)
+    print(f"s3ferry: upload {snap.status}: {snap.last_error or 'by request'}", file=sys.stderr)
     return EXIT_FAILED
 
 

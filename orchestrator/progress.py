@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import datetime as dt
-import time
 import uuid
 
 from models import queries
@@ -36,6 +34,11 @@ class Snapshot:
     created_at: str
     started_at: str | None
     finished_at: str | None
+    priority: int
+    #: bytes per second over the last RATE_WINDOW seconds of part completions, and the
+    #: seconds left at that rate (None: no recent completion)
+    rate: float
+    eta_seconds: float | None
 
     @property
     def finished(self) -> bool:
@@ -45,10 +48,22 @@ class Snapshot:
         return dataclasses.asdict(self)
 
 
+RATE_WINDOW = dt.timedelta(seconds=30)
+
+
 def snapshot(db: Database, upload_id: uuid.UUID) -> Snapshot:
     with db.transaction() as session:
         upload = queries.get_upload(session, upload_id)
         counts = queries.part_counts(session, upload_id)
+        now = dt.datetime.now(dt.UTC)
+        since = now - RATE_WINDOW
+        started = _aware(upload.started_at)
+        if started and started > since:
+            since = started
+        recent = queries.bytes_finished_since(session, upload_id, since)
+    seconds = (now - since).total_seconds()
+    rate = recent / seconds if recent and seconds > 0 else 0.0
+    remaining = upload.source_size - counts.bytes_done
     return Snapshot(
         id=str(upload.id), status=str(upload.status), source=upload.source_uri,
         destination=f"s3://{upload.bucket}/{upload.key}", endpoint=upload.endpoint_url,
@@ -57,8 +72,15 @@ def snapshot(db: Database, upload_id: uuid.UUID) -> Snapshot:
         parts_pending=counts.pending, parts_failed=counts.failed, retries=upload.retry_count,
         max_retries=upload.max_retries, last_error=upload.last_error, etag=upload.etag,
         created_at=_iso(upload.created_at), started_at=_iso(upload.started_at),
-        finished_at=_iso(upload.finished_at),
+        finished_at=_iso(upload.finished_at), priority=upload.priority, rate=rate,
+        eta_seconds=remaining / rate if rate > 0 and upload.status == UploadStatus.IN_PROGRESS else None,
     )
+
+
+def _aware(value: dt.datetime | None) -> dt.datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def _iso(value: dt.datetime | None) -> str | None:
@@ -67,41 +89,17 @@ def _iso(value: dt.datetime | None) -> str | None:
     return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).isoformat()
 
 
-class RateMeter:
-    """Bytes per second over the last `window` seconds of samples."""
-
-    def __init__(self, window: float = 10.0) -> None:
-        self.window = window
-        self.samples: collections.deque[tuple[float, int]] = collections.deque()
-
-    def add(self, done: int, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        self.samples.append((now, done))
-        while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
-            self.samples.popleft()
-
-    @property
-    def rate(self) -> float:
-        if len(self.samples) < 2:
-            return 0.0
-        (t0, b0), (t1, b1) = self.samples[0], self.samples[-1]
-        return (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-
-    def eta(self, remaining: int) -> float | None:
-        rate = self.rate
-        return remaining / rate if rate > 0 else None
-
-
-def render(snap: Snapshot, meter: RateMeter, width: int = 30) -> str:
+def render(snap: Snapshot, width: int = 30) -> str:
     """`[#########.....]  45%  1.4 GiB/3.0 GiB  87.2 MiB/s  ETA 0:19  parts 45/96 (4 in flight)`."""
     fraction = snap.bytes_done / snap.size if snap.size else (1.0 if snap.status == UploadStatus.COMPLETE else 0.0)
     filled = int(fraction * width)
-    eta = meter.eta(snap.size - snap.bytes_done)
     text = (f"[{'#' * filled}{'.' * (width - filled)}] {fraction:4.0%}  "
-            f"{format_size(snap.bytes_done)}/{format_size(snap.size)}  {format_size(meter.rate)}/s  "
-            f"ETA {_clock(eta)}  parts {snap.parts_done}/{snap.parts_total}")
+            f"{format_size(snap.bytes_done)}/{format_size(snap.size)}  {format_size(snap.rate)}/s  "
+            f"ETA {_clock(snap.eta_seconds)}  parts {snap.parts_done}/{snap.parts_total}")
     if snap.parts_in_flight:
         text += f" ({snap.parts_in_flight} in flight)"
+    if snap.parts_failed:
+        text += f" ({snap.parts_failed} failed)"
     if snap.retries:
         text += f"  retries {snap.retries}"
     if snap.status not in (UploadStatus.IN_PROGRESS, UploadStatus.COMPLETE):

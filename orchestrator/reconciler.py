@@ -24,7 +24,7 @@ from models.exceptions import InvalidTransition
 from models.settings import Settings
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload, utcnow
-from orchestrator import submit
+from orchestrator import scheduler
 from workers import reader, recovery, s3
 
 log = logging.getLogger(__name__)
@@ -127,19 +127,15 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
                 pass
         report.action = f"failed: {error}"
         return report
-    with db.transaction() as session:
-        now = utcnow()
-        rows = queries.parts(session, upload_id)
-    held = [p.part_number for p in rows if _held(p, now)]
-    report.dispatched = [p.part_number for p in rows if p.status != PartStatus.DONE and not _held(p, now)]
+    if not scheduler.ensure_multipart(db, upload_id):  # it started, then died before creating it
+        report.action = "failed: CreateMultipartUpload"
+        return report
+    report.dispatched, held = scheduler.dispatch_missing(db, upload_id)
     if report.dispatched:
-        submit.dispatch(upload_id, report.dispatched)
         report.action = "missing parts dispatched again"
     elif held:
         report.action = f"{len(held)} part(s) in flight; nothing to dispatch"
     else:
-        backend.mark_dispatched(app.app, str(upload_id), app.RESULT_EXPIRES)
-        dispatch_completion(upload_id)
         report.action = "all parts done; completion dispatched"
     log.warning("reconciler: %s", report, extra=context)
     return report
@@ -184,11 +180,3 @@ def _adopt_listed(db: Database, upload: Upload) -> list[int]:
                                       "found in S3 by ListParts; size, MD5 and CRC32C match the source"):
                 adopted.append(part.part_number)
     return adopted
-
-
-def _held(part: Part, now: dt.datetime) -> bool:
-    if part.status != PartStatus.IN_FLIGHT or part.lease_expires_at is None:
-        return False
-    deadline = part.lease_expires_at
-    deadline = deadline if deadline.tzinfo else deadline.replace(tzinfo=dt.UTC)
-    return deadline > now

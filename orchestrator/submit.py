@@ -16,13 +16,13 @@ import botocore.exceptions
 import sqlalchemy as sa
 from celery import chord
 
-from models import transitions
+from models import queries, transitions
 from models.db import Database
 from models.exceptions import S3FerryError, UserError
 from models.settings import Settings
 from models.states import UploadStatus
 from models.tables import Upload
-from orchestrator import destination, plan, source
+from orchestrator import destination, plan, scheduler, source
 from workers import s3
 
 log = logging.getLogger(__name__)
@@ -58,20 +58,20 @@ class Submitted:
 
 def submit(settings: Settings, db: Database, source_path: str, destination_uri: str, *,
            part_size: int | None = None, max_retries: int | None = None, priority: int = 0) -> Submitted:
-    """Check everything, record the upload, create it in S3 and dispatch its chord."""
+    """Check everything, record the upload as queued, and let the scheduler start it if a slot is free.
+
+    The same file (same fingerprint) to the same destination, still unfinished,
+    is attached to instead of uploaded anew.
+    """
     request = validate(settings, source_path, destination_uri, part_size)
     check_broker(settings)
     existing = find_resumable(db, request)
     if existing is not None:
         return existing
-    prepared = prepare(settings, db, request, max_retries=max_retries, priority=priority)
-    try:
-        dispatch(prepared.upload_id, [p.number for p in prepared.plan.parts])
-    except Exception as error:
-        _abandon(db, prepared, error)
-        raise
-    log.info("submitted", extra={"upload_id": str(prepared.upload_id), "parts": len(prepared.plan.parts)})
-    return prepared
+    recorded = record(settings, db, request, max_retries=max_retries, priority=priority)
+    scheduler.schedule(settings, db)
+    log.info("submitted", extra={"upload_id": str(recorded.upload_id), "parts": len(recorded.plan.parts)})
+    return recorded
 
 
 def find_resumable(db: Database, request: Request) -> Submitted | None:
@@ -96,31 +96,34 @@ def validate(settings: Settings, source_path: str, destination_uri: str, part_si
     return Request(src, dest, plan.plan_parts(src.size, part_size or settings.part_size))
 
 
-def prepare(settings: Settings, db: Database, request: Request, *, max_retries: int | None = None,
-            priority: int = 0) -> Submitted:
-    """Everything but the dispatch: the upload is in progress in Postgres and in S3, no part sent yet.
-
-    The multipart upload is created before any row is written, so an S3 refusal
-    writes nothing; if the rows cannot be written, it is aborted again.
-    """
+def record(settings: Settings, db: Database, request: Request, *, max_retries: int | None = None,
+           priority: int = 0) -> Submitted:
+    """Check the database and the bucket, then write the upload and its parts, queued."""
     src, dest, the_plan = request.source, request.destination, request.plan
     db.check()
     client = s3.make_client(retries=3)
     check_bucket(client, dest.bucket)
-    s3_upload_id = _create_multipart(client, dest, len(the_plan.parts))
     upload = Upload(source_uri=src.uri, source_size=src.size, source_mtime_ns=src.mtime_ns,
                     source_inode=src.inode, bucket=dest.bucket, key=dest.key,
                     endpoint_url=recorded_endpoint(client), part_size=the_plan.part_size, priority=priority,
                     max_retries=settings.max_retries if max_retries is None else max_retries,
                     retry_count=0)
-    try:
-        with db.transaction() as session:
-            upload = transitions.create_upload(session, upload, the_plan.parts, f"submitted {src.path} -> {dest}")
-            transitions.start_upload(session, upload.id, s3_upload_id, "multipart upload created")
-    except Exception:
-        _abort(client, dest, s3_upload_id, None)
-        raise
-    return Submitted(upload.id, dest, the_plan, src.size, s3_upload_id, upload.endpoint_url)
+    with db.transaction() as session:
+        upload = transitions.create_upload(session, upload, the_plan.parts, f"submitted {src.path} -> {dest}")
+    return Submitted(upload.id, dest, the_plan, src.size, None, upload.endpoint_url)
+
+
+def prepare(settings: Settings, db: Database, request: Request, *, max_retries: int | None = None,
+            priority: int = 0) -> Submitted:
+    """Record the upload and start it now, past the scheduler, without dispatching its parts:
+    in progress in Postgres and in S3, no part sent yet (for tests and tools)."""
+    recorded = record(settings, db, request, max_retries=max_retries, priority=priority)
+    with db.transaction() as session:
+        transitions.start_upload(session, recorded.upload_id, None, "started directly")
+    scheduler.start(db, recorded.upload_id, dispatch=False)
+    with db.transaction() as session:
+        s3_upload_id = queries.get_upload(session, recorded.upload_id).s3_upload_id
+    return dataclasses.replace(recorded, s3_upload_id=s3_upload_id)
 
 
 def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int]) -> None:
@@ -164,38 +167,3 @@ def check_bucket(client: object, bucket: str) -> None:
         raise UserError(f"checking bucket {bucket!r} failed: {s3.describe(error)}") from None
     except (botocore.exceptions.BotoCoreError, ValueError) as error:
         raise UserError(f"cannot reach S3 to check bucket {bucket!r}: {s3.describe(error)}") from None
-
-
-def _create_multipart(client: object, dest: destination.Destination, parts: int) -> str | None:
-    if parts == 1:
-        return None  # one part (a 0-byte file included) is one PutObject: no multipart upload to create
-    try:
-        response = client.create_multipart_upload(  # type: ignore[attr-defined]
-            Bucket=dest.bucket, Key=dest.key, ChecksumAlgorithm="CRC32C")
-    except Exception as error:
-        raise type(s3.classify(error))(f"CreateMultipartUpload failed: {s3.describe(error)}") from None
-    return str(response["UploadId"])
-
-
-def _abort(client: object, dest: destination.Destination, s3_upload_id: str | None, upload_id: uuid.UUID | None
-           ) -> None:
-    if not s3_upload_id:
-        return
-    try:
-        client.abort_multipart_upload(  # type: ignore[attr-defined]
-            Bucket=dest.bucket, Key=dest.key, UploadId=s3_upload_id)
-    except Exception as error:  # the sweeper will find it
-        log.error("could not abort the multipart upload: %s", s3.describe(error),
-                  extra={"upload_id": str(upload_id)})
-
-
-def _abandon(db: Database, prepared: Submitted, error: Exception) -> None:
-    """Dispatch failed after the upload was created: abort it in S3 so nothing is left billed."""
-    log.error("dispatch failed (%s); aborting the upload", error, extra={"upload_id": str(prepared.upload_id)})
-    _abort(s3.make_client(prepared.endpoint_url, retries=3), prepared.destination, prepared.s3_upload_id,
-           prepared.upload_id)
-    try:
-        with db.transaction() as session:
-            transitions.fail_upload(session, prepared.upload_id, f"dispatch failed: {error}")
-    except S3FerryError as db_error:
-        log.error("could not record the failure: %s", db_error, extra={"upload_id": str(prepared.upload_id)})

@@ -64,7 +64,7 @@ def _sweep_known(db: Database, older_than: dt.timedelta, dry_run: bool) -> list[
             if upload is None:
                 continue
             why = f"s3ferry upload {upload.id} is {upload.status}"
-            aborted = not dry_run and _abort(s3.make_client(upload.endpoint_url, retries=3), upload.bucket,
+            aborted = not dry_run and abort(s3.make_client(upload.endpoint_url, retries=3), upload.bucket,
                                              upload.key, str(upload.s3_upload_id))
             if aborted:
                 transitions.mark_aborted(session, upload.id, "swept")
@@ -94,7 +94,7 @@ def _sweep_unknown(db: Database, older_than: dt.timedelta, dry_run: bool, where:
             if mpu["Initiated"] >= cutoff or _known(db, mpu["UploadId"]):
                 continue  # young, or s3ferry's own (which the known sweep handles by its status)
             why = f"unknown to s3ferry; initiated {mpu['Initiated']:%Y-%m-%d %H:%M}"
-            aborted = not dry_run and _abort(client, bucket, mpu["Key"], mpu["UploadId"])
+            aborted = not dry_run and abort(client, bucket, mpu["Key"], mpu["UploadId"])
             swept.append(Swept(bucket, mpu["Key"], mpu["UploadId"], why, aborted))
     return swept
 
@@ -104,7 +104,7 @@ def _known(db: Database, s3_upload_id: str) -> bool:
         return session.scalar(sa.select(Upload.id).where(Upload.s3_upload_id == s3_upload_id)) is not None
 
 
-def _abort(client: object, bucket: str, key: str, s3_upload_id: str) -> bool:
+def abort(client: object, bucket: str, key: str, s3_upload_id: str) -> bool:
     try:
         client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=s3_upload_id)  # type: ignore[attr-defined]
     except Exception as error:

@@ -111,7 +111,10 @@ def service_env(database_url: str, redis_urls: tuple[str, str], s3_endpoint: str
     env.update(AWS_ENV)
     env.update({"AWS_ENDPOINT_URL": s3_endpoint, "S3FERRY_DATABASE_URL": database_url,
                 "S3FERRY_BROKER_URL": redis_urls[0], "S3FERRY_RESULT_BACKEND": redis_urls[1], "S3FERRY_QUEUE": queue,
-                "S3FERRY_RETRY_BACKOFF_BASE": "0.2", "S3FERRY_RETRY_BACKOFF_MAX": "2"})
+                "S3FERRY_RETRY_BACKOFF_BASE": "0.2", "S3FERRY_RETRY_BACKOFF_MAX": "2",
+                # tests leave uploads in progress on purpose: they must not hold the queue
+                # (the scheduler tests use their own database, with one slot)
+                "S3FERRY_MAX_ACTIVE_UPLOADS": "1000"})
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)

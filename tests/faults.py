@@ -20,6 +20,7 @@ class FlakyProxy:
         self.upstream = (upstream_host, upstream_port)
         self.port = free_port()
         self.resets_left = 0
+        self.reset_mid_request = False
         self.resets_done = 0
         self.connections = 0
         #: bytes forwarded towards the server: what the workers actually sent
@@ -69,9 +70,12 @@ class FlakyProxy:
         if delay > 0:
             time.sleep(delay)
 
-    def reset_next(self, count: int) -> None:
+    def reset_next(self, count: int, mid_request: bool = False) -> None:
+        """Reset the next `count` connections: at once, or once the request has begun
+        (then the client sees its request cut, not a refused connection)."""
         with self._lock:
             self.resets_left = count
+            self.reset_mid_request = mid_request
 
     def close(self) -> None:
         self._closed = True
@@ -90,6 +94,12 @@ class FlakyProxy:
                     self.resets_left -= 1
                     self.resets_done += 1
             if reset:
+                if self.reset_mid_request:
+                    client.settimeout(5)
+                    try:
+                        client.recv(1024)
+                    except OSError:
+                        pass
                 # SO_LINGER 0: close() sends RST, as a dropped connection does.
                 client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 client.close()

@@ -71,8 +71,9 @@ def make_app(settings: Settings) -> Celery:
         # Keep working through a broker blip instead of cancelling parts mid-flight.
         worker_cancel_long_running_tasks_on_connection_loss=False,
         worker_hijack_root_logger=True,
-        # `s3ferry beat`: the reconciler every reconcile_interval, the sweeper hourly.
+        # `s3ferry beat`: the scheduler and the reconciler every reconcile_interval, the sweeper hourly.
         beat_schedule={
+            "schedule": {"task": "s3ferry.schedule", "schedule": float(settings.reconcile_interval)},
             "reconcile": {"task": "s3ferry.reconcile", "schedule": float(settings.reconcile_interval)},
             "sweep": {"task": "s3ferry.sweep", "schedule": 3600.0},
         },

@@ -21,6 +21,7 @@ from models import queries, transitions
 from models.exceptions import InvalidTransition, S3FerryError
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload
+from orchestrator import scheduler
 from workers import retry, s3
 from workers.parts import RetryLater
 from workers.runtime import Runtime
@@ -84,6 +85,7 @@ def complete(rt: Runtime, upload_id: uuid.UUID, collected: Iterable[Mapping[str,
             log.info("upload became %s meanwhile", status, extra=context)
             return status
     log.info("upload complete", extra={**context, "etag": etag})
+    scheduler.request_schedule()  # a slot is free: the next queued upload may start
     return UploadStatus.COMPLETE
 
 
@@ -173,4 +175,5 @@ def _fail(rt: Runtime, upload_id: uuid.UUID, error: str) -> None:
         except InvalidTransition:
             pass
     log.error("upload failed: %s", error, extra={"upload_id": str(upload_id)})
+    scheduler.request_schedule()
     raise CompletionFailed(error)

@@ -15,6 +15,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from models import transitions
 from models.exceptions import InvalidTransition, S3FerryError
 from models.tables import Part, Upload
+from orchestrator import scheduler
 from workers import reader, retry, s3
 from workers.lease import LeaseKeeper
 from workers.runtime import Runtime
@@ -155,6 +156,7 @@ def _fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
         except InvalidTransition:
             pass  # another part failed it first
     log.error("upload failed: %s", message, extra={"upload_id": str(upload.id), "part": number})
+    scheduler.request_schedule()  # the queue moves on
     raise PartFailed(message)
 
 

@@ -70,3 +70,12 @@ def sweep() -> list[str]:
 
     rt = runtime.get()
     return [str(s) for s in sweeper.sweep(rt.db, dt.timedelta(seconds=rt.settings.sweep_after_seconds))]
+
+
+@app.task(name="s3ferry.schedule")
+def schedule() -> list[str]:
+    """Start queued uploads while slots are free (after a completion, failure, pause, cancel; and by beat)."""
+    from orchestrator import scheduler
+
+    rt = runtime.get()
+    return [str(u) for u in scheduler.schedule(rt.settings, rt.db)]

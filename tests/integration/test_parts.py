@@ -184,7 +184,7 @@ def test_transient_errors_are_counted_then_fail_the_upload(rt: Runtime, s3_endpo
     up = prepare(rt, tmp_path / "h2.bin", bucket, 6 * MiB, max_retries=2)
     upstream = urlparse(s3_endpoint)
     proxy = FlakyProxy(upstream.hostname, upstream.port)
-    proxy.reset_next(100)
+    proxy.reset_next(100, mid_request=True)
     try:
         with rt.db.transaction() as session:
             session.execute(sa.update(Upload).where(Upload.id == up.upload_id).values(endpoint_url=proxy.url))

@@ -138,7 +138,8 @@ def test_resume_by_id_dispatches_what_is_missing_and_refuses_a_failed_upload(  #
         transitions.fail_upload(session, failed.upload_id, "test")
     refused = run_cli(["resume", str(failed.upload_id)], service_env)
     assert refused.returncode == 2
-    assert refused.stderr.strip() == f"s3ferry: error: upload {failed.upload_id} is failed; it cannot be resumed"
+    assert refused.stderr.strip() == (f"s3ferry: error: upload {failed.upload_id} is failed: "
+                                      f"`s3ferry retry {failed.upload_id}` resumes it from its done parts")
 
 
 def test_parts_that_outlive_the_soft_shutdown_are_released_at_once(  # type: ignore[no-untyped-def]

@@ -1,0 +1,136 @@
+"""The scheduler: which queued upload runs next.
+
+Uploads wait as `queued` in Postgres. The scheduler starts the next one by
+priority (highest first), then age (oldest first), while fewer than
+`max_active_uploads` are in progress or completing (default 1: one file at a
+time, its parts in parallel). It runs on submit, after every completion,
+failure, pause or cancellation, and periodically (beat). Several schedulers
+may run at once: they take turns on a transaction-scoped lock (an advisory
+lock on Postgres; SQLite serializes writers anyway), and the next upload is
+picked with two index-backed queries, whatever the length of the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import sqlalchemy as sa
+from sqlalchemy import orm
+
+from models import queries, transitions
+from models.db import Database
+from models.exceptions import InvalidTransition
+from models.settings import Settings
+from models.states import PartStatus, UploadStatus
+from models.tables import Part, Upload, utcnow
+from workers import s3
+
+log = logging.getLogger(__name__)
+
+LOCK_KEY = 0x5333_4652  # "S3FR"
+RUNNING = (UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING)
+
+
+def schedule(settings: Settings, db: Database) -> list[uuid.UUID]:
+    """Start queued uploads while slots are free; returns the ids started."""
+    started = []
+    while True:
+        with db.transaction() as session:
+            _lock(session)
+            running = session.scalar(sa.select(sa.func.count()).select_from(Upload)
+                                     .where(Upload.status.in_(RUNNING))) or 0
+            if running >= settings.max_active_uploads:
+                break
+            upload = next_queued(session)
+            if upload is None:
+                break
+            transitions.start_upload(session, upload.id, upload.s3_upload_id,
+                                     f"scheduled ({running + 1} of at most {settings.max_active_uploads} running)")
+        start(db, upload.id)
+        started.append(upload.id)
+    return started
+
+
+def next_queued(session: orm.Session) -> Upload | None:
+    """The queued upload of highest priority, oldest first, locked for the caller (SKIP LOCKED)."""
+    top = session.scalar(sa.select(sa.func.max(Upload.priority)).where(Upload.status == UploadStatus.QUEUED))
+    if top is None:
+        return None
+    return session.scalars(
+        sa.select(Upload).where(Upload.status == UploadStatus.QUEUED, Upload.priority == top)
+        .order_by(Upload.created_at, Upload.id).limit(1).with_for_update(skip_locked=True)).first()
+
+
+def start(db: Database, upload_id: uuid.UUID, dispatch: bool = True) -> None:
+    """An upload just moved to in_progress: make sure S3 has its multipart upload, then send its parts."""
+    if ensure_multipart(db, upload_id) and dispatch:
+        dispatch_missing(db, upload_id)
+
+
+def ensure_multipart(db: Database, upload_id: uuid.UUID) -> bool:
+    """Create the upload's multipart upload in S3 if it needs one and has none; False if that failed."""
+    with db.transaction() as session:
+        upload = queries.get_upload(session, upload_id)
+    if upload.total_parts == 1 or upload.s3_upload_id:
+        return True  # one part is one PutObject
+    client = s3.make_client(upload.endpoint_url, retries=3)
+    try:
+        created = client.create_multipart_upload(Bucket=upload.bucket, Key=upload.key, ChecksumAlgorithm="CRC32C")
+    except Exception as error:
+        with db.transaction() as session:
+            try:
+                transitions.fail_upload(session, upload_id, f"CreateMultipartUpload failed: {s3.describe(error)}")
+            except InvalidTransition:
+                pass
+        log.error("CreateMultipartUpload failed: %s", s3.describe(error), extra={"upload_id": str(upload_id)})
+        return False
+    with db.transaction() as session:
+        recorded = transitions.set_multipart(session, upload_id, created["UploadId"])
+    if not recorded:  # another scheduler or reconciler created one first: ours is not needed
+        client.abort_multipart_upload(Bucket=upload.bucket, Key=upload.key, UploadId=created["UploadId"])
+    return True
+
+
+def dispatch_missing(db: Database, upload_id: uuid.UUID) -> tuple[list[int], list[int]]:
+    """Dispatch a chord of the parts neither done nor held by a live claim, or the completion
+    if there is none; returns (dispatched, held)."""
+    from orchestrator import submit
+    from workers import app, backend
+
+    with db.transaction() as session:
+        now = utcnow()
+        rows = queries.parts(session, upload_id)
+    held = [p.part_number for p in rows if held_now(p, now)]
+    missing = [p.part_number for p in rows if p.status != PartStatus.DONE and not held_now(p, now)]
+    if missing:
+        submit.dispatch(upload_id, missing)
+    elif not held:
+        backend.mark_dispatched(app.app, str(upload_id), app.RESULT_EXPIRES)
+        from workers import tasks
+
+        tasks.complete_upload.delay([], str(upload_id))
+    return missing, held
+
+
+def held_now(part: Part, now) -> bool:  # type: ignore[no-untyped-def]
+    if part.status != PartStatus.IN_FLIGHT or part.lease_expires_at is None:
+        return False
+    deadline = part.lease_expires_at
+    deadline = deadline if deadline.tzinfo else deadline.replace(tzinfo=now.tzinfo)
+    return deadline > now
+
+
+def _lock(session: orm.Session) -> None:
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": LOCK_KEY})
+
+
+def request_schedule() -> None:
+    """Ask a worker to run the scheduler (after a completion, failure, pause or cancel)."""
+    try:
+        from workers.app import app
+
+        app.send_task("s3ferry.schedule")
+    except Exception as error:  # beat runs it periodically anyway
+        log.warning("could not ask for the scheduler: %s", error)
