@@ -64,6 +64,9 @@ class FlakyProxy:
             self.bytes_up += size
             if self.rate is None:
                 return
+            now = time.monotonic()
+            if self._since + self._sent / self.rate < now - 0.25:  # idle: no burst credit beyond 0.25 s
+                self._since, self._sent = now - 0.25, 0.0
             self._sent += size
             due = self._since + self._sent / self.rate
         delay = due - time.monotonic()

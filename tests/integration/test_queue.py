@@ -1,0 +1,238 @@
+"""The queue and its operations, through the CLI, a real worker and moto behind a slow link.
+
+These tests get their own database (the scheduler counts every running upload
+in it), their own queue and worker, and one slot (S3FERRY_MAX_ACTIVE_UPLOADS=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import sqlalchemy as sa
+
+from models import migrate, queries
+from models.db import Database
+from models.states import UploadStatus
+from models.tables import Upload
+from tests import services
+from tests.conftest import drop_database, sha256_of_object, write_random
+from tests.faults import FlakyProxy
+from tests.integration.helpers import FINISHED, MiB, claims_per_part, run_cli, wait_status
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def queue_env(postgres_url: str, service_env: dict[str, str], s3_endpoint: str,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    url = sa.make_url(postgres_url).set(database=f"s3ferry_queue_{uuid.uuid4().hex[:8]}")
+    rendered = url.render_as_string(hide_password=False)
+    migrate.upgrade(rendered)
+    upstream = urlparse(s3_endpoint)
+    proxy = FlakyProxy(upstream.hostname, upstream.port)
+    proxy.limit(6 * MiB)  # an upload of a few MiB takes about a second: long enough to steer
+    env = {**service_env, "S3FERRY_DATABASE_URL": rendered, "S3FERRY_QUEUE": f"queue-{uuid.uuid4().hex[:8]}",
+           "S3FERRY_MAX_ACTIVE_UPLOADS": "1", "AWS_ENDPOINT_URL": proxy.url}
+    worker = services.start_worker(tmp_path_factory.mktemp("queue"), env, "queue", concurrency=2)
+    try:
+        yield env
+    finally:
+        worker.stop()
+        proxy.close()
+        drop_database(url)
+
+
+@pytest.fixture
+def qdb(queue_env: dict[str, str]) -> Iterator[Database]:
+    database = Database(queue_env["S3FERRY_DATABASE_URL"])
+    yield database
+    database.dispose()
+
+
+def submit(env: dict[str, str], path: Path, bucket: str, *extra: str) -> uuid.UUID:
+    run = run_cli(["upload", str(path), f"s3://{bucket}/{path.name}", "--part-size", "5MiB", "--no-wait", *extra],
+                  env)
+    assert run.returncode == 0, run.stderr
+    return uuid.UUID(run.stdout.split()[0])
+
+
+def rows(db: Database, ids: list[uuid.UUID]) -> list[Upload]:
+    with db.transaction() as session:
+        return [queries.get_upload(session, i) for i in ids]
+
+
+def status(db: Database, upload_id: uuid.UUID) -> str:
+    return str(rows(db, [upload_id])[0].status)
+
+
+def wait_until(check, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_queued_uploads_run_one_at_a_time_by_priority_then_age(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    files = {name: tmp_path / f"{name}.bin" for name in ("first", "low", "high", "mid", "mid-later")}
+    for name, path in files.items():
+        write_random(path, 40 * MiB if name == "first" else 6 * MiB)  # the others queue behind the first
+    ids = {"first": submit(queue_env, files["first"], bucket)}
+    for name, priority in (("low", "1"), ("high", "5"), ("mid", "3"), ("mid-later", "3")):
+        ids[name] = submit(queue_env, files[name], bucket, "--priority", priority)
+    assert [status(qdb, ids[n]) for n in ("low", "high", "mid", "mid-later")] == ["queued"] * 4
+
+    for upload_id in ids.values():
+        assert wait_status(qdb, upload_id, FINISHED) == UploadStatus.COMPLETE
+    uploads = sorted(rows(qdb, list(ids.values())), key=lambda u: u.started_at)
+    names = {v: k for k, v in ids.items()}
+    assert [names[u.id] for u in uploads] == ["first", "high", "mid", "mid-later", "low"]
+    for before, after in zip(uploads, uploads[1:], strict=False):
+        assert after.started_at >= before.finished_at  # one at a time
+
+
+def test_with_three_slots_three_uploads_run_together(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    env = {**queue_env, "S3FERRY_MAX_ACTIVE_UPLOADS": "3"}
+    ids = []
+    for index in range(3):
+        path = tmp_path / f"together{index}.bin"
+        write_random(path, 11 * MiB)
+        ids.append(submit(env, path, bucket))
+    for upload_id in ids:
+        assert wait_status(qdb, upload_id, FINISHED) == UploadStatus.COMPLETE
+    uploads = rows(qdb, ids)
+    assert max(u.started_at for u in uploads) < min(u.finished_at for u in uploads)  # all ran at once
+
+
+def test_pause_then_resume_in_the_middle_sends_no_part_twice(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "paused.bin"
+    sha256 = write_random(path, 40 * MiB)
+    upload_id = submit(queue_env, path, bucket)
+    wait_until(lambda: _counts(qdb, upload_id).done >= 2)
+
+    paused = run_cli(["pause", str(upload_id)], queue_env)
+
+    assert paused.returncode == 0, paused.stderr
+    assert status(qdb, upload_id) == "paused"
+    wait_until(lambda: _counts(qdb, upload_id).in_flight == 0, timeout=30)  # parts in flight finish
+    done = _counts(qdb, upload_id).done
+    time.sleep(2)
+    assert _counts(qdb, upload_id).done == done < 8  # nothing new starts while paused
+
+    resumed = run_cli(["resume", str(upload_id)], queue_env)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert status(qdb, upload_id) == "complete"
+    assert sha256_of_object(s3, bucket, "paused.bin") == sha256
+    assert claims_per_part(qdb, upload_id) == {n: 1 for n in range(1, 9)}
+    with qdb.transaction() as session:
+        moves = [(e.from_status, e.to_status) for e in queries.events(session, upload_id) if e.part_number is None]
+    assert ("in_progress", "paused") in moves and ("paused", "queued") in moves
+
+
+def test_cancel_in_the_middle_leaves_nothing_billed(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "cancelled.bin"
+    write_random(path, 40 * MiB)
+    upload_id = submit(queue_env, path, bucket)
+    wait_until(lambda: _counts(qdb, upload_id).done >= 1)
+
+    cancelled = run_cli(["cancel", str(upload_id)], queue_env)
+
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "multipart upload is aborted in S3" in cancelled.stdout
+    assert status(qdb, upload_id) == "cancelled"
+    wait_until(lambda: _counts(qdb, upload_id).in_flight == 0, timeout=30)
+    time.sleep(1)
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    assert rows(qdb, [upload_id])[0].s3_aborted_at is not None
+
+
+def test_a_failing_upload_moves_the_queue_on_and_can_be_retried(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    doomed, after = tmp_path / "doomed.bin", tmp_path / "after.bin"
+    sha256 = write_random(doomed, 40 * MiB)
+    write_random(after, 6 * MiB)
+    stat = doomed.stat()
+    doomed_id = submit(queue_env, doomed, bucket)
+    after_id = submit(queue_env, after, bucket)
+    assert status(qdb, after_id) == "queued"
+    wait_until(lambda: _counts(qdb, doomed_id).done >= 1)
+    os.utime(doomed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the source "changes"
+
+    assert wait_status(qdb, doomed_id, FINISHED) == UploadStatus.FAILED
+    assert wait_status(qdb, after_id, FINISHED) == UploadStatus.COMPLETE  # the queue moved on
+    shown = json.loads(run_cli(["status", str(doomed_id), "--json"], queue_env).stdout)
+    assert "changed since submit (mtime_ns" in shown["last_error"]
+    done_before = _counts(qdb, doomed_id).done
+
+    os.utime(doomed, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # back as it was submitted
+    retried = run_cli(["retry", str(doomed_id)], queue_env)
+
+    assert retried.returncode == 0, retried.stderr
+    assert "from its done parts" in retried.stdout
+    assert wait_status(qdb, doomed_id, FINISHED) == UploadStatus.COMPLETE
+    assert sha256_of_object(s3, bucket, "doomed.bin") == sha256
+    claims = claims_per_part(qdb, doomed_id)
+    assert sum(1 for n, count in claims.items() if count == 1) >= done_before  # done parts not sent again
+    assert rows(qdb, [doomed_id])[0].retry_count == 0
+
+
+@pytest.mark.parametrize(("command", "code", "message"), [
+    (["cancel", "{complete}"], 2, "cannot be cancelled: upload {complete} is complete"),
+    (["pause", "{complete}"], 2, "cannot be paused: upload {complete} is complete"),
+    (["retry", "{complete}"], 2, "cannot be retried: upload {complete} is complete"),
+    (["resume", "{cancelled}"], 2, "upload {cancelled} is cancelled; it cannot be resumed"),
+    (["cancel", "00000000-0000-0000-0000-000000000009"], 2, "no upload with id 00000000-0000-0000-0000-000000000009"),
+    (["pause", "nope"], 2, "'nope' is not a valid upload id"),
+    (["priority", "{complete}", "3"], 2, "its priority no longer matters"),
+    (["ls", "--status", "bogus"], 2, "unknown status 'bogus'"),
+])
+def test_invalid_operations_change_nothing(queue_env, qdb, finished: dict[str, uuid.UUID],  # type: ignore[no-untyped-def]
+                                           command: list[str], code: int, message: str) -> None:
+    before = _events(qdb)
+
+    run = run_cli([part.format(**finished) for part in command], queue_env)
+
+    assert run.returncode == code
+    last = run.stderr.strip().splitlines()[-1]
+    assert message.format(**finished) in last
+    assert last.startswith(("s3ferry: error:", "s3ferry pause: error:"))
+    assert _events(qdb) == before
+
+
+@pytest.fixture(scope="module")
+def finished(queue_env, s3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, uuid.UUID]]:  # type: ignore[no-untyped-def]
+    """A complete upload and a cancelled one."""
+    folder = tmp_path_factory.mktemp("finished")
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=bucket)
+    db = Database(queue_env["S3FERRY_DATABASE_URL"])
+    complete_path, cancelled_path = folder / "ok.bin", folder / "gone.bin"
+    write_random(complete_path, 1000)
+    write_random(cancelled_path, 40 * MiB)
+    complete = submit(queue_env, complete_path, bucket)
+    assert wait_status(db, complete, FINISHED) == UploadStatus.COMPLETE
+    cancelled = submit(queue_env, cancelled_path, bucket)
+    assert run_cli(["cancel", str(cancelled)], queue_env).returncode == 0
+    wait_until(lambda: _counts(db, cancelled).in_flight == 0, timeout=30)  # its last parts are settled
+    time.sleep(1)
+    db.dispose()
+    yield {"complete": complete, "cancelled": cancelled}
+    for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
+        s3.delete_object(Bucket=bucket, Key=obj["Key"])
+    s3.delete_bucket(Bucket=bucket)
+
+
+def _events(db: Database) -> int:
+    with db.transaction() as session:
+        return session.scalar(sa.select(sa.func.count()).select_from(sa.table("upload_events"))) or 0
+
+
+def _counts(db: Database, upload_id: uuid.UUID) -> queries.PartCounts:
+    with db.transaction() as session:
+        return queries.part_counts(session, upload_id)
