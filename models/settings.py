@@ -42,8 +42,10 @@ class Settings:
     #: How many uploads run at once (the rest wait, queued): 1 is one file at a time,
     #: with its parts in parallel. Raise it for large fleets.
     max_active_uploads: int = 1
-    #: Retries of one part (transient errors) before its upload fails.
+    #: Retries of one part (transient errors) before its upload fails (`--max-retries`).
     max_retries: int = 8
+    #: Retries of all the parts of one upload together before it fails.
+    max_upload_retries: int = 100
     #: How long a worker's claim on a part lasts without being renewed (it is renewed every
     #: third of this while the part is sent): how soon a dead worker's part is taken over.
     lease_seconds: int = 120

@@ -59,7 +59,7 @@ def next_queued(session: orm.Session) -> Upload | None:
         return None
     return session.scalars(
         sa.select(Upload).where(Upload.status == UploadStatus.QUEUED, Upload.priority == top)
-        .order_by(Upload.created_at, Upload.id).limit(1).with_for_update(skip_locked=True)).first()
+        .order_by(Upload.created_at).limit(1).with_for_update(skip_locked=True)).first()
 
 
 def start(db: Database, upload_id: uuid.UUID, dispatch: bool = True) -> None:

@@ -125,6 +125,8 @@ def _retry_or_fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
     number = part.part_number
     if part.attempts > upload.max_retries:
         _fail(rt, upload, part, f"{error} (gave up after {part.attempts} attempts)")
+    if upload.retry_count >= rt.settings.max_upload_retries:
+        _fail(rt, upload, part, f"{error} (the upload gave up after {upload.retry_count} retries in all)")
     with rt.db.transaction() as session:
         released = transitions.release_for_retry(session, upload.id, number, rt.worker_id, error)
     if released is None:

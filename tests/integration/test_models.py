@@ -279,3 +279,48 @@ def test_a_part_that_landed_after_its_lease_ran_out_is_still_recorded(state: Dat
         assert transitions.release_expired(session, upload_id) == [1]
         part = transitions.finish_part(session, upload_id, 1, "w1", '"e1"', "c", "landed late")
     assert part is not None and part.status == PartStatus.DONE
+
+
+def test_pause_requeue_cancel_retry_and_priority(state: Database) -> None:
+    upload_id = new_upload(state, parts=2)
+    with state.transaction() as session:
+        transitions.start_upload(session, upload_id, "mpu", "created")
+        transitions.claim_part(session, upload_id, 1, "w1", 60)
+        transitions.finish_part(session, upload_id, 1, "w1", '"e1"', "c", "landed")
+        transitions.claim_part(session, upload_id, 2, "w1", 60)
+        transitions.fail_part(session, upload_id, 2, "w1", "AccessDenied")
+        transitions.fail_upload(session, upload_id, "part 2: AccessDenied")
+    with state.transaction() as session:
+        assert transitions.retry_failed(session, upload_id, "retried") is True
+        rows = queries.parts(session, upload_id)
+        upload = queries.get_upload(session, upload_id)
+    assert [(p.status, p.attempts) for p in rows] == [("done", 1), ("pending", 0)]
+    assert (upload.status, upload.retry_count, upload.s3_upload_id) == ("queued", 0, "mpu")
+    with state.transaction() as session:
+        transitions.set_priority(session, upload_id, 7)
+        transitions.pause(session, upload_id, "paused")
+        transitions.requeue(session, upload_id, "resumed")
+        transitions.cancel(session, upload_id, "cancelled")
+        transitions.mark_aborted(session, upload_id, "cancelled")
+    with state.transaction() as session:
+        upload = queries.get_upload(session, upload_id)
+    assert (upload.status, upload.priority) == ("cancelled", 7) and upload.s3_aborted_at is not None
+    for move in (transitions.requeue, transitions.pause, transitions.cancel):
+        with pytest.raises(InvalidTransition), state.transaction() as session:
+            move(session, upload_id, "again")
+
+
+def test_retrying_an_upload_whose_multipart_upload_was_swept_starts_over(state: Database) -> None:
+    upload_id = new_upload(state, parts=2)
+    with state.transaction() as session:
+        transitions.start_upload(session, upload_id, "mpu", "created")
+        transitions.claim_part(session, upload_id, 1, "w1", 60)
+        transitions.finish_part(session, upload_id, 1, "w1", '"e1"', "c", "landed")
+        transitions.fail_upload(session, upload_id, "boom")
+        transitions.mark_aborted(session, upload_id, "swept")
+    with state.transaction() as session:
+        assert transitions.retry_failed(session, upload_id, "retried") is False
+        rows = queries.parts(session, upload_id)
+        upload = queries.get_upload(session, upload_id)
+    assert [p.status for p in rows] == ["pending", "pending"] and rows[0].etag is None
+    assert upload.s3_upload_id is None and upload.s3_aborted_at is None

@@ -247,3 +247,29 @@ def test_the_lease_is_renewed_while_sending_and_loss_is_noticed(rt: Runtime, buc
                             {"u": up.upload_id.hex if rt.db.url.get_backend_name() == "sqlite" else up.upload_id})
         time.sleep(1.5)
         assert lease.lost
+
+
+def test_an_upload_gives_up_after_its_total_retry_budget(rt: Runtime, s3_endpoint: str, bucket: str,  # type: ignore[no-untyped-def]
+                                                          tmp_path: Path) -> None:
+    import dataclasses
+    from urllib.parse import urlparse
+
+    from tests.faults import FlakyProxy
+
+    stingy = Runtime(settings=dataclasses.replace(rt.settings, max_upload_retries=2), db=rt.db)
+    up = prepare(rt, tmp_path / "budget.bin", bucket, 16 * MiB, max_retries=50)
+    upstream = urlparse(s3_endpoint)
+    proxy = FlakyProxy(upstream.hostname, upstream.port)
+    proxy.reset_next(100, mid_request=True)
+    try:
+        with rt.db.transaction() as session:
+            session.execute(sa.update(Upload).where(Upload.id == up.upload_id).values(endpoint_url=proxy.url))
+        for number in (1, 2):  # two parts, one retry each: the upload's budget of 2 is spent
+            with pytest.raises(parts.RetryLater):
+                parts.send_part(stingy, up.upload_id, number)
+        with pytest.raises(parts.PartFailed, match="the upload gave up after 2 retries in all"):
+            parts.send_part(stingy, up.upload_id, 3)
+    finally:
+        proxy.close()
+    upload, _, _ = snapshot(rt.db, up.upload_id)
+    assert upload.status == UploadStatus.FAILED
