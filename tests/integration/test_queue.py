@@ -236,3 +236,22 @@ def _events(db: Database) -> int:
 def _counts(db: Database, upload_id: uuid.UUID) -> queries.PartCounts:
     with db.transaction() as session:
         return queries.part_counts(session, upload_id)
+
+
+def test_watch_ls_and_status_show_progress_from_the_database(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path / "watched.bin"
+    write_random(path, 30 * MiB)
+    upload_id = submit(queue_env, path, bucket)
+    wait_until(lambda: _counts(qdb, upload_id).done >= 2)
+    live = json.loads(run_cli(["status", str(upload_id), "--json"], queue_env).stdout)
+    assert live["status"] == "in_progress" and live["rate"] > 0 and live["eta_seconds"] is not None
+    assert live["bytes_done"] >= 10 * MiB
+
+    watched = run_cli(["watch", str(upload_id)], queue_env, timeout=120)  # returns when it finishes
+
+    assert watched.returncode == 0, watched.stderr
+    last = watched.stdout.strip().splitlines()[-1]
+    assert last.startswith(str(upload_id)[:8]) and "complete" in last and "100%" in last and "parts 6/6" in last
+    listed = run_cli(["ls", "--status", "complete"], queue_env)
+    assert str(upload_id) in listed.stdout and f"s3://{bucket}/watched.bin" in listed.stdout
+    assert run_cli(["watch"], queue_env).stdout.strip() == "no active or queued upload"
