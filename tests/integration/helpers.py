@@ -54,3 +54,11 @@ def claims_per_part(db: Database, upload_id: uuid.UUID) -> dict[int, int]:
         if event.to_status == "in_flight":
             counts[event.part_number] = counts.get(event.part_number, 0) + 1
     return counts
+
+
+def wait_until(check, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    """Poll `check` until it is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)

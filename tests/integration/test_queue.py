@@ -24,7 +24,7 @@ from models.tables import Upload
 from tests import services
 from tests.conftest import drop_database, sha256_of_object, write_random
 from tests.faults import FlakyProxy
-from tests.integration.helpers import FINISHED, MiB, claims_per_part, run_cli, wait_status
+from tests.integration.helpers import FINISHED, MiB, claims_per_part, run_cli, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -70,13 +70,6 @@ def rows(db: Database, ids: list[uuid.UUID]) -> list[Upload]:
 
 def status(db: Database, upload_id: uuid.UUID) -> str:
     return str(rows(db, [upload_id])[0].status)
-
-
-def wait_until(check, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def test_queued_uploads_run_one_at_a_time_by_priority_then_age(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

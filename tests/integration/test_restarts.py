@@ -20,7 +20,7 @@ from models.tables import Upload
 from tests import services
 from tests.conftest import sha256_of_object, write_random
 from tests.faults import FlakyProxy
-from tests.integration.helpers import FINISHED, S3FERRY, MiB, claims_per_part, run_cli, wait_status
+from tests.integration.helpers import FINISHED, S3FERRY, MiB, claims_per_part, run_cli, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -37,13 +37,6 @@ def slow_s3(s3_endpoint: str):  # type: ignore[no-untyped-def]
 def parts_done(db: Database, upload_id: uuid.UUID) -> int:
     with db.transaction() as session:
         return queries.part_counts(session, upload_id).done
-
-
-def wait_until(check, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_the_same_upload_command_after_a_sigkill_attaches_to_the_same_upload(  # type: ignore[no-untyped-def]
