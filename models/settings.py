@@ -66,6 +66,8 @@ class Settings:
     retry_backoff_max: float = 120.0
 
     def __post_init__(self) -> None:
+        if self.max_active_uploads < 1:
+            raise ValueError(f"S3FERRY_MAX_ACTIVE_UPLOADS ({self.max_active_uploads}) must be at least 1")
         if not self.stall_seconds > max(self.lease_seconds, self.retry_backoff_max):
             raise ValueError(
                 f"S3FERRY_STALL_SECONDS ({self.stall_seconds}) must be longer than S3FERRY_LEASE_SECONDS "

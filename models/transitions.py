@@ -78,10 +78,14 @@ def retry_failed(session: orm.Session, upload_id: uuid.UUID, reason: str) -> boo
     unless its multipart upload was swept (aborted) meanwhile: then every part is sent again.
     Returns whether the done parts were kept."""
     upload = _lock_upload(session, upload_id, write=True)
+    if upload.status != UploadStatus.FAILED:
+        raise InvalidTransition(f"upload {upload_id} is {upload.status}; only a failed upload is retried")
     kept = upload.s3_aborted_at is None
     _move_upload(session, upload_id, UploadStatus.QUEUED, reason, retry_count=0, last_retry_at=None,
                  finished_at=None, **({} if kept else {"s3_upload_id": None, "s3_aborted_at": None}))
-    reset = sa.update(Part).where(Part.upload_id == upload_id)
+    # Parts still being sent keep their live claims: they must not be sent twice at once.
+    live = sa.and_(Part.status == PartStatus.IN_FLIGHT, Part.lease_expires_at >= utcnow())
+    reset = sa.update(Part).where(Part.upload_id == upload_id, sa.not_(live))
     if kept:
         reset = reset.where(Part.status != PartStatus.DONE)
     session.execute(reset.values(status=PartStatus.PENDING, attempts=0, worker=None, lease_expires_at=None,

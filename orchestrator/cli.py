@@ -314,8 +314,10 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from workers.app import app
 
+    from workers.app import control_queue
+
     argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}",
-            f"--queues={settings.queue}"]
+            f"--queues={settings.queue},{control_queue(settings.queue)}"]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)

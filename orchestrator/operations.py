@@ -31,7 +31,10 @@ def resume(settings: Settings, db: Database, upload_id: uuid.UUID) -> str:
         _change(db, upload_id, transitions.requeue, "resumed by request", "resumed")
         started = upload_id in scheduler.schedule(settings, db)
         return f"upload {upload_id} resumed: {'running' if started else 'queued, waiting for a free slot'}"
-    if status in (UploadStatus.QUEUED, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING):
+    if status == UploadStatus.QUEUED:
+        started = upload_id in scheduler.schedule(settings, db)
+        return f"upload {upload_id} is {'running' if started else 'queued, waiting for a free slot'}"
+    if status in (UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING):
         return str(reconciler.reconcile(settings, db, upload_id))
     if status == UploadStatus.FAILED:
         raise UserError(f"upload {upload_id} is failed: `s3ferry retry {upload_id}` resumes it from its done parts")
@@ -45,12 +48,16 @@ def cancel(settings: Settings, db: Database, upload_id: uuid.UUID) -> str:
     aborted = ""
     if upload.s3_upload_id and upload.s3_aborted_at is None:
         client = s3.make_client(upload.endpoint_url, retries=3)
-        if sweeper.abort(client, upload.bucket, upload.key, upload.s3_upload_id):
+        if not sweeper.abort(client, upload.bucket, upload.key, upload.s3_upload_id):
+            aborted = "; aborting its multipart upload failed (`s3ferry sweep` will retry)"
+        elif _parts_in_flight(db, upload_id):
+            # A part still being sent may land after the abort (S3 says so): the sweeper
+            # aborts again once those parts settle, so nothing stays billed.
+            aborted = "; its multipart upload is aborted in S3 (the sweeper aborts it again after its last parts)"
+        else:
             with db.transaction() as session:
                 transitions.mark_aborted(session, upload_id, "cancelled")
             aborted = "; its multipart upload is aborted in S3"
-        else:
-            aborted = "; aborting its multipart upload failed (`s3ferry sweep` will retry)"
     scheduler.schedule(settings, db)
     return f"upload {upload_id} cancelled{aborted}"
 
@@ -75,6 +82,11 @@ def list_uploads(db: Database, status: str | None = None, limit: int = 50) -> Se
         query = query.where(Upload.status == status)
     with db.transaction() as session:
         return session.scalars(query).all()
+
+
+def _parts_in_flight(db: Database, upload_id: uuid.UUID) -> int:
+    with db.transaction() as session:
+        return queries.part_counts(session, upload_id).in_flight
 
 
 def _status(db: Database, upload_id: uuid.UUID) -> str:

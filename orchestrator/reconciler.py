@@ -126,9 +126,11 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
             except InvalidTransition:
                 pass
         report.action = f"failed: {error}"
+        scheduler.request_schedule()
         return report
     if not scheduler.ensure_multipart(db, upload_id):  # it started, then died before creating it
-        report.action = "failed: CreateMultipartUpload"
+        report.action = "CreateMultipartUpload failed"
+        scheduler.request_schedule()
         return report
     report.dispatched, held = scheduler.dispatch_missing(db, upload_id)
     if report.dispatched:

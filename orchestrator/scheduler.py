@@ -24,6 +24,7 @@ from models.exceptions import InvalidTransition
 from models.settings import Settings
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload, utcnow
+from orchestrator import sweeper
 from workers import s3
 
 log = logging.getLogger(__name__)
@@ -47,48 +48,74 @@ def schedule(settings: Settings, db: Database) -> list[uuid.UUID]:
                 break
             transitions.start_upload(session, upload.id, upload.s3_upload_id,
                                      f"scheduled ({running + 1} of at most {settings.max_active_uploads} running)")
-        start(db, upload.id)
+        if not start(db, upload.id):
+            break  # S3 refused or failed: leave the rest of the queue for the next run
         started.append(upload.id)
     return started
 
 
 def next_queued(session: orm.Session) -> Upload | None:
-    """The queued upload of highest priority, oldest first, locked for the caller (SKIP LOCKED)."""
+    """The queued upload of highest priority, oldest first, locked for the caller.
+
+    Schedulers take turns (the advisory lock), so the row lock only waits out a
+    claim or an operation touching that upload for a moment; it never skips it.
+    """
     top = session.scalar(sa.select(sa.func.max(Upload.priority)).where(Upload.status == UploadStatus.QUEUED))
     if top is None:
         return None
     return session.scalars(
         sa.select(Upload).where(Upload.status == UploadStatus.QUEUED, Upload.priority == top)
-        .order_by(Upload.created_at).limit(1).with_for_update(skip_locked=True)).first()
+        .order_by(Upload.created_at).limit(1).with_for_update()).first()
 
 
-def start(db: Database, upload_id: uuid.UUID, dispatch: bool = True) -> None:
-    """An upload just moved to in_progress: make sure S3 has its multipart upload, then send its parts."""
-    if ensure_multipart(db, upload_id) and dispatch:
+def start(db: Database, upload_id: uuid.UUID, dispatch: bool = True) -> bool:
+    """An upload just moved to in_progress: make sure S3 has its multipart upload, then send its parts.
+    False if it could not start (it failed, or waits for the reconciler to try again)."""
+    if dispatch:  # from now on the upload's parts count as dispatched (no reconciler steps in meanwhile)
+        from workers import app, backend
+
+        backend.mark_dispatched(app.app, str(upload_id), app.RESULT_EXPIRES)
+    if not ensure_multipart(db, upload_id):
+        if dispatch:
+            backend.forget_dispatch(app.app, str(upload_id))  # nothing was sent: the reconciler may retry
+        return False
+    if dispatch:
         dispatch_missing(db, upload_id)
+    return True
 
 
 def ensure_multipart(db: Database, upload_id: uuid.UUID) -> bool:
-    """Create the upload's multipart upload in S3 if it needs one and has none; False if that failed."""
+    """Create the upload's multipart upload in S3 if it needs one and has none.
+
+    False if it could not: a permanent refusal fails the upload; a transient
+    error leaves it in progress with nothing dispatched, which the reconciler
+    sees as a lost dispatch and tries again.
+    """
     with db.transaction() as session:
         upload = queries.get_upload(session, upload_id)
     if upload.total_parts == 1 or upload.s3_upload_id:
         return True  # one part is one PutObject
+    context = {"upload_id": str(upload_id)}
     client = s3.make_client(upload.endpoint_url, retries=3)
     try:
         created = client.create_multipart_upload(Bucket=upload.bucket, Key=upload.key, ChecksumAlgorithm="CRC32C")
     except Exception as error:
-        with db.transaction() as session:
-            try:
-                transitions.fail_upload(session, upload_id, f"CreateMultipartUpload failed: {s3.describe(error)}")
-            except InvalidTransition:
-                pass
-        log.error("CreateMultipartUpload failed: %s", s3.describe(error), extra={"upload_id": str(upload_id)})
+        problem = s3.classify(error)
+        log.error("CreateMultipartUpload failed: %s", problem, extra=context)
+        if isinstance(problem, s3.PermanentS3Error):
+            with db.transaction() as session:
+                try:
+                    transitions.fail_upload(session, upload_id, f"CreateMultipartUpload failed: {problem}")
+                except InvalidTransition:
+                    pass
         return False
     with db.transaction() as session:
         recorded = transitions.set_multipart(session, upload_id, created["UploadId"])
-    if not recorded:  # another scheduler or reconciler created one first: ours is not needed
-        client.abort_multipart_upload(Bucket=upload.bucket, Key=upload.key, UploadId=created["UploadId"])
+    if not recorded:  # another scheduler or reconciler created one first, or it was paused or cancelled
+        sweeper.abort(client, upload.bucket, upload.key, created["UploadId"])
+        with db.transaction() as session:
+            current = queries.get_upload(session, upload_id)
+        return current.status == UploadStatus.IN_PROGRESS and current.s3_upload_id is not None
     return True
 
 

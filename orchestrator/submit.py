@@ -132,7 +132,11 @@ def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int]) -> None:
 
     backend.mark_dispatched(tasks.app, str(upload_id), app.RESULT_EXPIRES)
     header = [tasks.upload_part.si(str(upload_id), n) for n in part_numbers]
-    chord(header)(tasks.complete_upload.s(str(upload_id)))
+    try:
+        chord(header)(tasks.complete_upload.s(str(upload_id)))
+    except Exception:
+        backend.forget_dispatch(tasks.app, str(upload_id))
+        raise
 
 
 def recorded_endpoint(client: object) -> str | None:

@@ -17,8 +17,8 @@ import sqlalchemy as sa
 from models import transitions
 from models.db import Database
 from models.exceptions import UserError
-from models.states import UploadStatus
-from models.tables import Upload, utcnow
+from models.states import PartStatus, UploadStatus
+from models.tables import Part, Upload, utcnow
 from orchestrator import destination
 from workers import s3
 
@@ -73,7 +73,9 @@ def _sweep_known(db: Database, older_than: dt.timedelta, dry_run: bool) -> list[
 
 
 def _sweepable(cutoff: dt.datetime) -> sa.ColumnElement[bool]:
-    return sa.and_(Upload.s3_upload_id.is_not(None), Upload.s3_aborted_at.is_(None),
+    # Not while a part is still being sent: it could land after the abort and stay billed.
+    sending = sa.select(Part.upload_id).where(Part.status == PartStatus.IN_FLIGHT, Part.lease_expires_at >= utcnow())
+    return sa.and_(Upload.s3_upload_id.is_not(None), Upload.s3_aborted_at.is_(None), Upload.id.not_in(sending),
                    sa.or_(Upload.status == UploadStatus.CANCELLED,
                           sa.and_(Upload.status == UploadStatus.FAILED, Upload.finished_at < cutoff)))
 

@@ -93,7 +93,7 @@ def redis_urls(redis_url: str, queue: str) -> Iterator[tuple[str, str]]:
     urls = (f"{redis_url}/{broker_db}", f"{redis_url}/{backend_db}")
     yield urls
     broker = redis.Redis.from_url(urls[0])
-    broker.delete(queue, *broker.keys(f"_kombu.binding.{queue}*"))
+    broker.delete(queue, f"{queue}.control", *broker.keys(f"_kombu.binding.{queue}*"))
 
 
 @pytest.fixture(scope="session")
@@ -134,7 +134,8 @@ def _configure_loaded_app(env: dict[str, str]) -> None:
 
         loaded.app.conf.update(broker_url=env["S3FERRY_BROKER_URL"],
                                result_backend=backend.url_for(env["S3FERRY_RESULT_BACKEND"]),
-                               task_default_queue=env["S3FERRY_QUEUE"])
+                               task_default_queue=env["S3FERRY_QUEUE"],
+                               task_routes=loaded.control_routes(env["S3FERRY_QUEUE"]))
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,10 @@ class FlakyProxy:
 
     def down(self) -> None:
         """The endpoint becomes unreachable: new connections are refused, open ones cut."""
+        try:  # wakes the accept() of the other thread, so the port is really released
+            self._server.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._server.close()
         with self._lock:
             cut, self._open = self._open, set()
@@ -82,7 +86,7 @@ class FlakyProxy:
 
     def close(self) -> None:
         self._closed = True
-        self._server.close()
+        self.down()
 
     def _accept(self, server: socket.socket) -> None:
         while not self._closed:

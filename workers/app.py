@@ -34,6 +34,14 @@ VISIBILITY_TIMEOUT = 2 * TASK_TIME_LIMIT
 RESULT_EXPIRES = 7 * 24 * 3600
 
 
+def control_queue(queue: str) -> str:
+    return f"{queue}.control"
+
+
+def control_routes(queue: str) -> dict[str, dict[str, str]]:
+    return {name: {"queue": control_queue(queue)} for name in ("s3ferry.schedule", "s3ferry.reconcile", "s3ferry.sweep")}
+
+
 def make_app(settings: Settings) -> Celery:
     # The Redis result backend holds the chord counters; s3ferry's variant skips the
     # per-task result subscriptions that nobody here waits on (see workers/backend.py).
@@ -41,6 +49,9 @@ def make_app(settings: Settings) -> Celery:
                  include=["workers.tasks"])
     app.conf.update(
         task_default_queue=settings.queue,
+        # The scheduler, reconciler and sweeper go to a queue of their own, so that they
+        # never wait behind thousands of part messages (`s3ferry worker` consumes both).
+        task_routes=control_routes(settings.queue),
         # Messages carry ids only: JSON, never pickle.
         task_serializer="json",
         result_serializer="json",

@@ -41,6 +41,13 @@ def mark_dispatched(app: object, upload_id: str, seconds: int) -> None:
         client.set(SENTINEL.format(upload_id), "1", ex=seconds)
 
 
+def forget_dispatch(app: object, upload_id: str) -> None:
+    """The dispatch did not happen after all (publishing failed): let the reconciler see it."""
+    client = _client(app)
+    if client is not None:
+        client.delete(SENTINEL.format(upload_id))
+
+
 def lost_dispatches(app: object, upload_ids: list[str]) -> set[str]:
     """The uploads whose last dispatch Redis no longer knows (empty if the backend is not Redis)."""
     client = _client(app)

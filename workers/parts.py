@@ -155,6 +155,8 @@ def _fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
             raise RetryLater(f"part {number} was taken over while failing: {error}", _wait(rt, 1))
         try:
             transitions.fail_upload(session, upload.id, message)
+            if error.startswith("NoSuchUpload"):  # S3 dropped it (a lifecycle rule, an abort): a retry starts over
+                transitions.mark_aborted(session, upload.id, "S3 answered NoSuchUpload")
         except InvalidTransition:
             pass  # another part failed it first
     log.error("upload failed: %s", message, extra={"upload_id": str(upload.id), "part": number})

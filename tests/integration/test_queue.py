@@ -143,6 +143,9 @@ def test_cancel_in_the_middle_leaves_nothing_billed(queue_env, qdb, s3, bucket, 
     wait_until(lambda: _counts(qdb, upload_id).in_flight == 0, timeout=30)
     time.sleep(1)
     assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    if rows(qdb, [upload_id])[0].s3_aborted_at is None:  # parts were in flight at the abort: the sweep confirms
+        swept = run_cli(["sweep"], queue_env)
+        assert swept.returncode == 0 and "aborted s3://" in swept.stdout
     assert rows(qdb, [upload_id])[0].s3_aborted_at is not None
 
 
@@ -179,6 +182,7 @@ def test_a_failing_upload_moves_the_queue_on_and_can_be_retried(queue_env, qdb, 
     (["cancel", "{complete}"], 2, "cannot be cancelled: upload {complete} is complete"),
     (["pause", "{complete}"], 2, "cannot be paused: upload {complete} is complete"),
     (["retry", "{complete}"], 2, "cannot be retried: upload {complete} is complete"),
+    (["retry", "{cancelled}"], 2, "cannot be retried: upload {cancelled} is cancelled"),
     (["resume", "{cancelled}"], 2, "upload {cancelled} is cancelled; it cannot be resumed"),
     (["cancel", "00000000-0000-0000-0000-000000000009"], 2, "no upload with id 00000000-0000-0000-0000-000000000009"),
     (["pause", "nope"], 2, "'nope' is not a valid upload id"),
