@@ -361,6 +361,11 @@ def _move_part(session: orm.Session, part: Part, to: PartStatus, reason: str, **
     return moved
 
 
+def held(part: Part, now: dt.datetime) -> bool:
+    """Whether a worker holds a live claim on the part."""
+    return part.status == PartStatus.IN_FLIGHT and not _expired(part.lease_expires_at, now)
+
+
 def _expired(deadline: dt.datetime | None, now: dt.datetime) -> bool:
     if deadline is None:
         return True

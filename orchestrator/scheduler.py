@@ -23,7 +23,7 @@ from models.db import Database
 from models.exceptions import InvalidTransition
 from models.settings import Settings
 from models.states import PartStatus, UploadStatus
-from models.tables import Part, Upload, utcnow
+from models.tables import Upload, utcnow
 from orchestrator import sweeper
 from workers import s3
 
@@ -128,8 +128,8 @@ def dispatch_missing(db: Database, upload_id: uuid.UUID) -> tuple[list[int], lis
     with db.transaction() as session:
         now = utcnow()
         rows = queries.parts(session, upload_id)
-    held = [p.part_number for p in rows if held_now(p, now)]
-    missing = [p.part_number for p in rows if p.status != PartStatus.DONE and not held_now(p, now)]
+    held = [p.part_number for p in rows if transitions.held(p, now)]
+    missing = [p.part_number for p in rows if p.status != PartStatus.DONE and not transitions.held(p, now)]
     if missing:
         submit.dispatch(upload_id, missing)
     elif not held:
@@ -138,14 +138,6 @@ def dispatch_missing(db: Database, upload_id: uuid.UUID) -> tuple[list[int], lis
 
         tasks.complete_upload.delay([], str(upload_id))
     return missing, held
-
-
-def held_now(part: Part, now) -> bool:  # type: ignore[no-untyped-def]
-    if part.status != PartStatus.IN_FLIGHT or part.lease_expires_at is None:
-        return False
-    deadline = part.lease_expires_at
-    deadline = deadline if deadline.tzinfo else deadline.replace(tzinfo=now.tzinfo)
-    return deadline > now
 
 
 def _lock(session: orm.Session) -> None:

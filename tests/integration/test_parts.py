@@ -6,6 +6,7 @@ No Celery here: these drive `workers.parts.send_part` and
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +45,24 @@ def snapshot(db: Database, upload_id: uuid.UUID):  # type: ignore[no-untyped-def
     with db.transaction() as session:
         return queries.get_upload(session, upload_id), queries.parts(session, upload_id), queries.events(
             session, upload_id)
+
+
+@contextlib.contextmanager
+def cut_connections(rt: Runtime, upload_id: uuid.UUID, s3_endpoint: str) -> Iterator[None]:
+    """Bind the upload to a proxy that resets every request mid-way (a counted, transient error)."""
+    from urllib.parse import urlparse
+
+    from tests.faults import FlakyProxy
+
+    upstream = urlparse(s3_endpoint)
+    proxy = FlakyProxy(upstream.hostname, upstream.port)
+    proxy.reset_next(1000, mid_request=True)
+    try:
+        with rt.db.transaction() as session:
+            session.execute(sa.update(Upload).where(Upload.id == upload_id).values(endpoint_url=proxy.url))
+        yield
+    finally:
+        proxy.close()
 
 
 def send_all(rt: Runtime, upload_id: uuid.UUID, count: int) -> list[dict[str, object]]:
@@ -177,17 +196,8 @@ def test_an_unreachable_endpoint_does_not_use_up_retries(rt: Runtime, bucket: st
 def test_transient_errors_are_counted_then_fail_the_upload(rt: Runtime, s3_endpoint: str, bucket: str,  # type: ignore[no-untyped-def]
                                                            tmp_path: Path) -> None:
     """Connections reset mid-request: each is a counted retry; past max_retries the upload fails."""
-    from urllib.parse import urlparse
-
-    from tests.faults import FlakyProxy
-
     up = prepare(rt, tmp_path / "h2.bin", bucket, 6 * MiB, max_retries=2)
-    upstream = urlparse(s3_endpoint)
-    proxy = FlakyProxy(upstream.hostname, upstream.port)
-    proxy.reset_next(100, mid_request=True)
-    try:
-        with rt.db.transaction() as session:
-            session.execute(sa.update(Upload).where(Upload.id == up.upload_id).values(endpoint_url=proxy.url))
+    with cut_connections(rt, up.upload_id, s3_endpoint):
         for attempt in (1, 2):
             with pytest.raises(parts.RetryLater) as later:
                 parts.send_part(rt, up.upload_id, 1)
@@ -197,8 +207,6 @@ def test_transient_errors_are_counted_then_fail_the_upload(rt: Runtime, s3_endpo
             assert upload.last_retry_at is not None and upload.last_error
         with pytest.raises(parts.PartFailed, match="gave up after 3 attempts"):
             parts.send_part(rt, up.upload_id, 1)
-    finally:
-        proxy.close()
     upload, rows, _ = snapshot(rt.db, up.upload_id)
     assert (upload.status, rows[0].status) == (UploadStatus.FAILED, PartStatus.FAILED)
 
@@ -252,24 +260,14 @@ def test_the_lease_is_renewed_while_sending_and_loss_is_noticed(rt: Runtime, buc
 def test_an_upload_gives_up_after_its_total_retry_budget(rt: Runtime, s3_endpoint: str, bucket: str,  # type: ignore[no-untyped-def]
                                                           tmp_path: Path) -> None:
     import dataclasses
-    from urllib.parse import urlparse
-
-    from tests.faults import FlakyProxy
 
     stingy = Runtime(settings=dataclasses.replace(rt.settings, max_upload_retries=2), db=rt.db)
     up = prepare(rt, tmp_path / "budget.bin", bucket, 16 * MiB, max_retries=50)
-    upstream = urlparse(s3_endpoint)
-    proxy = FlakyProxy(upstream.hostname, upstream.port)
-    proxy.reset_next(100, mid_request=True)
-    try:
-        with rt.db.transaction() as session:
-            session.execute(sa.update(Upload).where(Upload.id == up.upload_id).values(endpoint_url=proxy.url))
+    with cut_connections(rt, up.upload_id, s3_endpoint):
         for number in (1, 2):  # two parts, one retry each: the upload's budget of 2 is spent
             with pytest.raises(parts.RetryLater):
                 parts.send_part(stingy, up.upload_id, number)
         with pytest.raises(parts.PartFailed, match="the upload gave up after 2 retries in all"):
             parts.send_part(stingy, up.upload_id, 3)
-    finally:
-        proxy.close()
     upload, _, _ = snapshot(rt.db, up.upload_id)
     assert upload.status == UploadStatus.FAILED
