@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     upload.add_argument("--part-size", type=_size, default=None,
                         help="part size, 5MiB..5GiB (default: S3FERRY_PART_SIZE or 32MiB)")
     upload.add_argument("--max-retries", type=int, default=None, help="retries per part before the upload fails")
-    upload.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    upload.add_argument("--priority", type=_priority_value, default=0, help="higher runs first (default 0)")
     upload.add_argument("--no-wait", action="store_true", help="print the upload id and return at once")
     upload.set_defaults(run=_upload)
 
@@ -83,12 +83,12 @@ def _parser() -> argparse.ArgumentParser:
 
     priority = commands.add_parser("priority", help="set an upload's priority (higher runs first)")
     priority.add_argument("upload_id", type=_upload_id)
-    priority.add_argument("priority", type=int)
+    priority.add_argument("priority", type=_priority_value)
     priority.set_defaults(run=_priority)
 
     ls = commands.add_parser("ls", help="list uploads, newest first")
     ls.add_argument("--status", help="only uploads in this status")
-    ls.add_argument("--limit", type=int, default=50)
+    ls.add_argument("--limit", type=_positive, default=50)
     ls.set_defaults(run=_ls)
 
     watch = commands.add_parser("watch", help="live progress of uploads (default: all active and queued)")
@@ -135,6 +135,22 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
+def _priority_value(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None  # type: ignore[assignment]
+    if value is None or not -1_000_000 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"invalid priority {text!r}: a whole number from -1000000 to 1000000")
+    return value
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: a whole number of at least 1")
+    return int(text)
+
+
 def _upload_id(text: str) -> uuid.UUID:
     try:
         return uuid.UUID(text)
@@ -149,6 +165,9 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
     print(done.upload_id, flush=True)
     if done.resumed:
         snap = progress.snapshot(db, done.upload_id)
+        if snap.status == UploadStatus.PAUSED:
+            raise UserError(f"upload {done.upload_id} of this file is paused: "
+                            f"`s3ferry resume {done.upload_id}` continues it")
         print(f"resuming upload {done.upload_id} of this file to {done.destination}: "
               f"{snap.parts_done} of {snap.parts_total} parts already done", file=sys.stderr)
         print(f"s3ferry: {reconciler.reconcile(settings, db, done.upload_id)}", file=sys.stderr)
@@ -203,10 +222,13 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.database_url)
     tty = sys.stdout.isatty()
     shown = 0
+    seen: dict[uuid.UUID, None] = dict.fromkeys(args.upload_ids)
     try:
         while True:
-            ids = args.upload_ids or [u.id for u in operations.list_uploads(db, None, 1000)
-                                      if u.status in WATCHED]
+            if not args.upload_ids:  # every upload seen active stays on screen until the end
+                seen.update(dict.fromkeys(u.id for u in operations.list_uploads(db, None, 1000)
+                                          if u.status in WATCHED))
+            ids = list(seen)
             snaps = [progress.snapshot(db, upload_id) for upload_id in ids]
             lines = [f"{s.id[:8]} {s.status:11} {progress.render(s, width=20)}  {s.destination}" for s in snaps]
             if tty and shown:

@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 #: statuses in which running the same upload command again attaches to the upload
 RESUMABLE = (UploadStatus.QUEUED, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING)
+#: ... and those in which it finds the upload rather than starting a second one
+ATTACHABLE = (*RESUMABLE, UploadStatus.PAUSED)
 
 
 class BrokerUnavailable(S3FerryError):
@@ -82,7 +84,7 @@ def find_resumable(db: Database, request: Request) -> Submitted | None:
         upload = session.scalars(sa.select(Upload).where(
             Upload.source_uri == src.uri, Upload.source_size == src.size, Upload.source_mtime_ns == src.mtime_ns,
             Upload.source_inode == src.inode, Upload.bucket == dest.bucket, Upload.key == dest.key,
-            Upload.status.in_(RESUMABLE)).order_by(Upload.created_at.desc()).limit(1)).first()
+            Upload.status.in_(ATTACHABLE)).order_by(Upload.created_at.desc()).limit(1)).first()
     if upload is None:
         return None
     return Submitted(upload.id, dest, dataclasses.replace(request.plan, part_size=upload.part_size),

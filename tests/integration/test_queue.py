@@ -92,11 +92,11 @@ def test_queued_uploads_run_one_at_a_time_by_priority_then_age(queue_env, qdb, s
 
 def test_with_three_slots_three_uploads_run_together(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     env = {**queue_env, "S3FERRY_MAX_ACTIVE_UPLOADS": "3"}
-    ids = []
-    for index in range(3):
-        path = tmp_path / f"together{index}.bin"
-        write_random(path, 11 * MiB)
-        ids.append(submit(env, path, bucket))
+    paths = [tmp_path / f"together{index}.bin" for index in range(3)]
+    for path in paths:
+        write_random(path, 25 * MiB)  # ~4 s each on the capped link: longer than the three submits
+    ids = [submit(env, path, bucket) for path in paths]
+    assert all(status(qdb, i) != "queued" for i in ids)  # none waited for a slot
     for upload_id in ids:
         assert wait_status(qdb, upload_id, FINISHED) == UploadStatus.COMPLETE
     uploads = rows(qdb, ids)
@@ -117,6 +117,10 @@ def test_pause_then_resume_in_the_middle_sends_no_part_twice(queue_env, qdb, s3,
     done = _counts(qdb, upload_id).done
     time.sleep(2)
     assert _counts(qdb, upload_id).done == done < 8  # nothing new starts while paused
+
+    again = run_cli(["upload", str(path), f"s3://{bucket}/paused.bin", "--part-size", "5MiB"], queue_env)
+    assert again.returncode == 2  # the same command finds the paused upload instead of starting a second one
+    assert f"`s3ferry resume {upload_id}` continues it" in again.stderr.strip().splitlines()[-1]
 
     resumed = run_cli(["resume", str(upload_id)], queue_env)
 
@@ -188,6 +192,8 @@ def test_a_failing_upload_moves_the_queue_on_and_can_be_retried(queue_env, qdb, 
     (["pause", "nope"], 2, "'nope' is not a valid upload id"),
     (["priority", "{complete}", "3"], 2, "its priority no longer matters"),
     (["ls", "--status", "bogus"], 2, "unknown status 'bogus'"),
+    (["ls", "--limit", "-1"], 2, "invalid number '-1'"),
+    (["priority", "{complete}", "99999999999"], 2, "invalid priority '99999999999'"),
 ])
 def test_invalid_operations_change_nothing(queue_env, qdb, finished: dict[str, uuid.UUID],  # type: ignore[no-untyped-def]
                                            command: list[str], code: int, message: str) -> None:
@@ -198,7 +204,8 @@ def test_invalid_operations_change_nothing(queue_env, qdb, finished: dict[str, u
     assert run.returncode == code
     last = run.stderr.strip().splitlines()[-1]
     assert message.format(**finished) in last
-    assert last.startswith(("s3ferry: error:", "s3ferry pause: error:"))
+    assert last.startswith(("s3ferry: error:", "s3ferry pause: error:", "s3ferry ls: error:",
+                            "s3ferry priority: error:"))
     assert _events(qdb) == before
 
 
