@@ -55,6 +55,12 @@ def new_upload(db: Database, parts: int = 3) -> uuid.UUID:
         return transitions.create_upload(session, upload, specs, "test").id
 
 
+def land(session, upload_id: uuid.UUID, number: int, etag: str) -> None:  # type: ignore[no-untyped-def]
+    """Worker w1 claims a part and records it as landed."""
+    transitions.claim_part(session, upload_id, number, "w1", 60)
+    transitions.finish_part(session, upload_id, number, "w1", etag, "c", "landed")
+
+
 def status_of(db: Database, upload_id: uuid.UUID) -> tuple[str, int]:
     with db.transaction() as session:
         return str(queries.get_upload(session, upload_id).status), len(queries.events(session, upload_id))
@@ -157,8 +163,7 @@ def test_finishing_a_part_twice(state: Database) -> None:
     upload_id = new_upload(state, parts=1)
     with state.transaction() as session:
         transitions.start_upload(session, upload_id, "mpu", "created")
-        transitions.claim_part(session, upload_id, 1, "w1", 60)
-        transitions.finish_part(session, upload_id, 1, "w1", '"e1"', "c", "landed")
+        land(session, upload_id, 1, '"e1"')
     before = status_of(state, upload_id)
     with state.transaction() as session:
         transitions.finish_part(session, upload_id, 1, "w1", '"e1"', "c", "landed again")  # same ETag: a no-op
@@ -285,8 +290,7 @@ def test_pause_requeue_cancel_retry_and_priority(state: Database) -> None:
     upload_id = new_upload(state, parts=2)
     with state.transaction() as session:
         transitions.start_upload(session, upload_id, "mpu", "created")
-        transitions.claim_part(session, upload_id, 1, "w1", 60)
-        transitions.finish_part(session, upload_id, 1, "w1", '"e1"', "c", "landed")
+        land(session, upload_id, 1, '"e1"')
         transitions.claim_part(session, upload_id, 2, "w1", 60)
         transitions.fail_part(session, upload_id, 2, "w1", "AccessDenied")
         transitions.fail_upload(session, upload_id, "part 2: AccessDenied")
@@ -314,8 +318,7 @@ def test_retrying_an_upload_whose_multipart_upload_was_swept_starts_over(state: 
     upload_id = new_upload(state, parts=2)
     with state.transaction() as session:
         transitions.start_upload(session, upload_id, "mpu", "created")
-        transitions.claim_part(session, upload_id, 1, "w1", 60)
-        transitions.finish_part(session, upload_id, 1, "w1", '"e1"', "c", "landed")
+        land(session, upload_id, 1, '"e1"')
         transitions.fail_upload(session, upload_id, "boom")
         transitions.mark_aborted(session, upload_id, "swept")
     with state.transaction() as session:
