@@ -34,12 +34,31 @@ def upgrade(url: str, create_database: bool = True) -> str:
     engine = sa.create_engine(parsed)
     try:
         with wrap_errors(parsed), engine.begin() as connection:
+            refuse_newer(connection, parsed)
             config = alembic_config()
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
             return MigrationContext.configure(connection).get_current_revision() or ""
     finally:
         engine.dispose()
+
+
+class NewerSchema(DatabaseError):
+    """The database was written by a newer s3ferry: this one must not touch it."""
+
+
+def refuse_newer(connection: sa.Connection, url: sa.URL) -> None:
+    """Raise NewerSchema if the database is at a revision this s3ferry does not know."""
+    revision = MigrationContext.configure(connection).get_current_revision()
+    if revision is None:
+        return
+    try:
+        known = ScriptDirectory.from_config(alembic_config()).get_revision(revision) is not None
+    except Exception:  # alembic raises several kinds for an unknown revision id  # noqa: BLE001
+        known = False
+    if not known:
+        raise NewerSchema(f"the database ({describe(url)}) was written by a newer version of s3ferry "
+                          f"(schema {revision}; this version knows up to {head()}): upgrade s3ferry to use it")
 
 
 def current(url: str) -> str | None:

@@ -24,6 +24,9 @@ DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/s3ferry"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
 
+#: Set by from_env(), never read from the environment.
+_DERIVED = ("local",)
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -64,6 +67,12 @@ class Settings:
     #: Backoff of part retries: base and cap, in seconds (full jitter).
     retry_backoff_base: float = 1.0
     retry_backoff_max: float = 120.0
+    #: Single-machine mode's data folder (SQLite state, the private Redis server, logs).
+    #: Default: the user's data folder, e.g. ~/.local/share/s3ferry.
+    home: str = ""
+    #: Single-machine mode: neither S3FERRY_DATABASE_URL nor S3FERRY_BROKER_URL is set, so the
+    #: state lives in `home` and each `s3ferry upload` runs its own workers (orchestrator/local.py).
+    local: bool = False
 
     def __post_init__(self) -> None:
         if self.max_active_uploads < 1:
@@ -85,10 +94,50 @@ class Settings:
         values: dict[str, object] = {}
         for field in dataclasses.fields(cls):
             raw = env.get("S3FERRY_" + field.name.upper())
-            if raw is None or raw == "":
+            if raw is None or raw == "" or field.name in _DERIVED:
                 continue
             values[field.name] = _parse(field.name, raw, type(field.default))
+        values["home"] = os.path.abspath(os.path.expanduser(str(values.get("home") or default_home())))
+        given = [name for name in ("database_url", "broker_url") if name in values]
+        if not given:
+            values.update(local_urls(str(values["home"])), local=True)
+        elif len(given) == 1:
+            missing = "broker_url" if given == ["database_url"] else "database_url"
+            raise ValueError(f"S3FERRY_{given[0].upper()} is set but S3FERRY_{missing.upper()} is not: set both "
+                             "(a worker fleet) or neither (single-machine mode, state in S3FERRY_HOME)")
+        elif "result_backend" not in values and str(values["broker_url"]).startswith(("redis://", "rediss://")):
+            values["result_backend"] = values["broker_url"]  # chord counters beside the queue
         return cls(**values)
+
+
+def default_home() -> str:
+    """The user's data folder for s3ferry (platformdirs: XDG on Linux, Application Support on macOS)."""
+    import platformdirs
+
+    return platformdirs.user_data_dir("s3ferry", appauthor=False)
+
+
+def local_urls(home: str) -> dict[str, str]:
+    """Single-machine mode's database and Redis URLs, derived from the data folder alone, so the
+    command and the workers it starts agree without passing anything around."""
+    sock = broker_socket(home)
+    return {"database_url": f"sqlite:///{os.path.join(home, 'state.db')}",
+            "broker_url": f"redis+socket://{sock}",
+            # Celery's result backend spells a unix socket socket:///path; db 1 beside the queue's 0
+            "result_backend": f"socket://{sock}?virtual_host=1"}
+
+
+def broker_socket(home: str) -> str:
+    """The private Redis server's unix socket: in the data folder, or, when that path is too long
+    for a socket (about 100 bytes) or would need quoting in a URL, in the temp folder."""
+    path = os.path.join(home, "broker", "redis.sock")
+    if len(path.encode()) <= 100 and re.fullmatch(r"[A-Za-z0-9._/-]+", path):
+        return path
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(home.encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), f"s3ferry-{os.getuid() if hasattr(os, 'getuid') else 0}-{digest}.sock")
 
 
 def mask_password(url: str) -> str:

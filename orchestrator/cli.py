@@ -18,7 +18,7 @@ from models.db import Database
 from models.exceptions import S3FerryError, UserError
 from models.settings import Settings, format_size, parse_size
 from models.states import UploadStatus
-from orchestrator import operations, progress, reconciler, submit, sweeper
+from orchestrator import local, operations, progress, reconciler, submit, sweeper
 from workers import logs
 
 log = logging.getLogger("s3ferry")
@@ -33,10 +33,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s" if args.verbose
+                        else "s3ferry: %(message)s")
+    if not args.verbose:  # the commands print the reconciler's reports themselves
+        logging.getLogger("orchestrator.reconciler").setLevel(logging.ERROR)
     logs.add_context(logging.getLogger())
     try:
         settings = Settings.from_env()
+        if settings.local and args.command not in ("upload", "worker", "beat", "demo"):
+            # single-machine mode: the state file at the newest schema (commands that use the
+            # broker or run workers join the data folder themselves: local.attach)
+            local.prepared(settings)
         return int(args.run(args, settings) or 0)
     except UserError as error:
         print(f"s3ferry: error: {error}", file=sys.stderr)
@@ -61,7 +68,10 @@ def _parser() -> argparse.ArgumentParser:
                         help="part size, 5MiB..5GiB (default: S3FERRY_PART_SIZE or 32MiB)")
     upload.add_argument("--max-retries", type=int, default=None, help="retries per part before the upload fails")
     upload.add_argument("--priority", type=_priority_value, default=0, help="higher runs first (default 0)")
-    upload.add_argument("--no-wait", action="store_true", help="print the upload id and return at once")
+    upload.add_argument("--no-wait", action="store_true",
+                        help="print the upload id and return at once (needs a worker fleet)")
+    upload.add_argument("--concurrency", "-c", type=_positive, default=4,
+                        help="single-machine mode: parts sent at once by this command's worker (default 4)")
     upload.set_defaults(run=_upload)
 
     status = commands.add_parser("status", help="show an upload's progress")
@@ -71,7 +81,9 @@ def _parser() -> argparse.ArgumentParser:
 
     resume = commands.add_parser("resume", help="resume a paused upload, or get a stalled one moving; and watch it")
     resume.add_argument("upload_id", type=_upload_id)
-    resume.add_argument("--no-wait", action="store_true", help="return at once")
+    resume.add_argument("--no-wait", action="store_true", help="return at once (needs a worker fleet)")
+    resume.add_argument("--concurrency", "-c", type=_positive, default=4,
+                        help="single-machine mode: parts sent at once by this command's worker (default 4)")
     resume.set_defaults(run=_resume)
 
     for name, text in (("pause", "no new part starts; parts in flight finish"),
@@ -118,7 +130,17 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", "-c", type=int, default=4, help="parts sent in parallel (default 4)")
     worker.add_argument("--loglevel", "-l", default="INFO")
     worker.add_argument("--hostname", "-n", default=None, help="Celery node name (default s3ferry@HOST)")
+    worker.add_argument("--pool", "-P", choices=("prefork", "threads", "solo"), default="prefork",
+                        help="Celery pool: processes (default) or threads")
     worker.set_defaults(run=_worker)
+
+    demo = commands.add_parser("demo", help=(
+        "upload a random file to a local S3 server, kill the workers part-way, resume, check the SHA-256"))
+    demo.add_argument("--size", type=_size, default=parse_size("1GiB"), help="size of the file (default 1GiB)")
+    demo.add_argument("--kill-at", type=_fraction, default=0.4, help="fraction done when the workers are killed "
+                      "(default 0.4)")
+    demo.add_argument("--keep", action="store_true", help="keep the demo's folder (file, state, logs)")
+    demo.set_defaults(run=_demo)
 
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -151,6 +173,16 @@ def _positive(text: str) -> int:
     return int(text)
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}: a number between 0 and 1, like 0.4")
+    return value
+
+
 def _upload_id(text: str) -> uuid.UUID:
     try:
         return uuid.UUID(text)
@@ -159,6 +191,20 @@ def _upload_id(text: str) -> uuid.UUID:
 
 
 def _upload(args: argparse.Namespace, settings: Settings) -> int:
+    if settings.local:
+        _refuse_no_wait(args)
+        submit.validate(settings, args.source, args.destination, args.part_size)  # before starting anything
+    with local.attach(settings, workers=args.concurrency) as home:
+        return _upload_with(args, settings, home)
+
+
+def _refuse_no_wait(args: argparse.Namespace) -> None:
+    if args.no_wait:
+        raise UserError("--no-wait needs a worker fleet: in single-machine mode the command runs the workers "
+                        "until the upload is done (set S3FERRY_DATABASE_URL and S3FERRY_BROKER_URL for a fleet)")
+
+
+def _upload_with(args: argparse.Namespace, settings: Settings, home: local.Home | None) -> int:
     db = Database(settings.database_url)
     done = submit.submit(settings, db, args.source, args.destination, part_size=args.part_size,
                          max_retries=args.max_retries, priority=args.priority)
@@ -181,7 +227,7 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
                   file=sys.stderr)
     if args.no_wait:
         return 0
-    return wait(db, done.upload_id)
+    return wait(db, done.upload_id, home=home)
 
 
 def _resume(args: argparse.Namespace, settings: Settings) -> int:
@@ -189,16 +235,22 @@ def _resume(args: argparse.Namespace, settings: Settings) -> int:
     if progress.snapshot(db, args.upload_id).status == UploadStatus.COMPLETE:
         print(f"upload {args.upload_id} is already complete", file=sys.stderr)
         return 0
-    submit.check_broker(settings)
-    print(f"s3ferry: {operations.resume(settings, db, args.upload_id)}", file=sys.stderr)
-    return 0 if args.no_wait else wait(db, args.upload_id)
+    if settings.local:
+        _refuse_no_wait(args)
+    with local.attach(settings, workers=args.concurrency) as home:
+        submit.check_broker(settings)
+        print(f"s3ferry: {operations.resume(settings, db, args.upload_id)}", file=sys.stderr)
+        return 0 if args.no_wait else wait(db, args.upload_id, home=home)
 
 
 def _operation(name: str):  # type: ignore[no-untyped-def]
     def run(args: argparse.Namespace, settings: Settings) -> int:
         db = Database(settings.database_url)
-        submit.check_broker(settings)  # each may start the next queued upload
-        print(getattr(operations, name)(settings, db, args.upload_id))
+        with local.attach(settings):
+            submit.check_broker(settings)  # each may start the next queued upload
+            print(getattr(operations, name)(settings, db, args.upload_id))
+        if settings.local and name == "retry":
+            print(f"single-machine mode: `s3ferry resume {args.upload_id}` runs it", file=sys.stderr)
         return 0
     return run
 
@@ -245,11 +297,12 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
 
 def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
     db = Database(settings.database_url)
-    submit.check_broker(settings)
-    if args.upload_id:
-        reports = [reconciler.reconcile(settings, db, args.upload_id, force=args.force)]
-    else:
-        reports = reconciler.reconcile_stalled(settings, db)
+    with local.attach(settings):
+        submit.check_broker(settings)
+        if args.upload_id:
+            reports = [reconciler.reconcile(settings, db, args.upload_id, force=args.force)]
+        else:
+            reports = reconciler.reconcile_stalled(settings, db)
     for report in reports:
         print(report)
     if not reports:
@@ -269,6 +322,7 @@ def _sweep(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _beat(args: argparse.Namespace, settings: Settings) -> int:
+    _refuse_local(settings, "beat")
     from workers.app import app
 
     schedule = args.schedule or str(Path(tempfile.gettempdir()) / "s3ferry-beat-schedule")
@@ -290,12 +344,21 @@ def _duration(text: str) -> dt.timedelta:
     return dt.timedelta(seconds=value * units[unit])
 
 
-def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25) -> int:
-    """Show a progress bar until the upload completes (0) or fails (1)."""
+def _refuse_local(settings: Settings, command: str) -> None:
+    if settings.local:
+        raise UserError(f"`s3ferry {command}` is for a worker fleet: set S3FERRY_DATABASE_URL and "
+                        "S3FERRY_BROKER_URL (in single-machine mode `s3ferry upload` runs its own workers)")
+
+
+def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25, home: local.Home | None = None) -> int:
+    """Show a progress bar until the upload completes (0) or fails (1); in single-machine mode,
+    tend the command's worker meanwhile."""
     tty = sys.stderr.isatty()
     last_line = 0.0
     try:
         while True:
+            if home is not None:
+                home.tend()
             snap = progress.snapshot(db, upload_id)
             now = time.monotonic()
             if tty:
@@ -307,8 +370,13 @@ def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25) -> int:
                 break
             time.sleep(interval)
     except KeyboardInterrupt:
-        print(f"\ns3ferry: stopped watching; the upload goes on. `s3ferry status {upload_id}` shows it.",
-              file=sys.stderr)
+        if home is not None:
+            home.stop_worker(graceful=False)
+            print("\ns3ferry: stopped. Run the same command again to resume from the parts already uploaded.",
+                  file=sys.stderr)
+        else:
+            print(f"\ns3ferry: stopped watching; the upload goes on. `s3ferry status {upload_id}` shows it.",
+                  file=sys.stderr)
         return 130
     if tty:
         print(file=sys.stderr)
@@ -331,6 +399,10 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
+    _refuse_local(settings, "worker")
+    parent = os.environ.pop("S3FERRY_PARENT_PID", None)
+    if parent:  # started by a single-machine command: goes when it goes
+        local.die_with_parent(int(parent))
     # SIGTERM (docker stop, Kubernetes) -> Celery's soft shutdown: parts in flight get
     # worker_soft_shutdown_timeout to finish. Read by billiard when the worker starts.
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
@@ -338,12 +410,18 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from workers.app import control_queue
 
-    argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}",
+    argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}", f"--pool={args.pool}",
             f"--queues={settings.queue},{control_queue(settings.queue)}"]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)
     return 0
+
+
+def _demo(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator import demo
+
+    return demo.run(size=args.size, kill_at=args.kill_at, keep=args.keep)
 
 
 def _db_upgrade(args: argparse.Namespace, settings: Settings) -> int:

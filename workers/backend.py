@@ -24,8 +24,8 @@ class RedisBackend(celery_redis.RedisBackend):
 
 
 def url_for(result_backend: str) -> str:
-    """Celery's `module:Class+url` form for redis:// and rediss:// URLs; others unchanged."""
-    if result_backend.startswith(("redis://", "rediss://", "redis+socket://")):
+    """Celery's `module:Class+url` form for Redis URLs (socket:// is a unix socket); others unchanged."""
+    if result_backend.startswith(("redis://", "rediss://", "socket://")):
         return f"{__name__}:RedisBackend+{result_backend}"
     return result_backend
 

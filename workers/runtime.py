@@ -46,8 +46,10 @@ class Runtime:
 
 
 #: Made once per worker node, before the pool forks, so every pool process shares it:
-#: the node can release all of its processes' claims at shutdown (node_prefix()).
-NODE_TOKEN = secrets.token_hex(4)
+#: the node can release all of its processes' claims at shutdown (node_prefix()). In
+#: single-machine mode the command that starts the worker chooses it (S3FERRY_NODE_TOKEN),
+#: so that a later command can release the claims of a worker that died with it.
+NODE_TOKEN = os.environ.get("S3FERRY_NODE_TOKEN") or secrets.token_hex(4)
 
 
 def node_prefix() -> str:

@@ -2,23 +2,44 @@ from __future__ import annotations
 
 import pytest
 
-from models.settings import MiB, Settings, format_size, parse_size
+from models.settings import MiB, Settings, broker_socket, format_size, parse_size
 
 
-def test_defaults_without_environment() -> None:
-    settings = Settings.from_env({})
-    assert settings == Settings()
+def test_without_database_and_broker_it_is_single_machine_mode(tmp_path) -> None:
+    settings = Settings.from_env({"S3FERRY_HOME": str(tmp_path)})
+    assert settings.local
     assert settings.part_size == 32 * MiB
-    assert settings.database_url.startswith("postgresql+psycopg://")
+    assert settings.database_url == f"sqlite:///{tmp_path}/state.db"
+    assert settings.broker_url == f"redis+socket://{tmp_path}/broker/redis.sock"
+    assert settings.result_backend == f"socket://{tmp_path}/broker/redis.sock?virtual_host=1"
+
+
+def test_the_default_home_is_the_users_data_folder(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    assert Settings.from_env({}).home == str(tmp_path / "s3ferry")
+
+
+def test_a_home_too_long_for_a_socket_puts_the_socket_in_the_temp_folder(tmp_path) -> None:
+    home = tmp_path / ("x" * 120)
+    sock = broker_socket(str(home))
+    assert len(sock) < 100 and sock != broker_socket(str(tmp_path / "other"))
+    assert broker_socket("/srv/with space/s3ferry") != "/srv/with space/s3ferry/broker/redis.sock"
 
 
 def test_from_env_reads_s3ferry_variables() -> None:
     settings = Settings.from_env({"S3FERRY_DATABASE_URL": "sqlite:///x.db", "S3FERRY_PART_SIZE": "64MiB",
                                   "S3FERRY_MAX_RETRIES": "3", "S3FERRY_RETRY_BACKOFF_BASE": "0.5",
-                                  "S3FERRY_BROKER_URL": ""})
+                                  "S3FERRY_BROKER_URL": "redis://r:6379/0", "S3FERRY_LOCAL": "true"})
     assert (settings.database_url, settings.part_size, settings.max_retries) == ("sqlite:///x.db", 64 * MiB, 3)
     assert settings.retry_backoff_base == 0.5
-    assert settings.broker_url == Settings().broker_url  # empty means default
+    assert settings.result_backend == "redis://r:6379/0"  # unset: beside the broker
+    assert not settings.local  # never read from the environment
+
+
+@pytest.mark.parametrize("given", ["S3FERRY_DATABASE_URL", "S3FERRY_BROKER_URL"])
+def test_half_a_fleet_configuration_is_refused(given: str) -> None:
+    with pytest.raises(ValueError, match=f"{given} is set but .* is not: set both"):
+        Settings.from_env({given: "redis://r:6379/0"})
 
 
 def test_a_bad_value_names_the_variable() -> None:
