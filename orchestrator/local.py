@@ -49,8 +49,7 @@ from models import transitions
 from models.db import Database
 from models.exceptions import S3FerryError, UserError
 from models.settings import Settings, broker_socket
-from models.states import PartStatus
-from models.tables import Part
+from models.tables import Upload
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +60,8 @@ RESTART_WINDOW = 60.0
 #: How long a worker gets to finish the parts it is sending when the command is done.
 WARM_STOP_SECONDS = 30.0
 COLD_STOP_SECONDS = 10.0
+#: How often a running command looks for commands that died beside it.
+LOOK_EVERY = 2.0
 
 
 class Home:
@@ -79,6 +80,7 @@ class Home:
         self._session: int | None = None  # fd of our locked session file
         self._restarts: list[float] = []
         self._due: dict[str, float] = {}
+        self._next_look = 0.0
 
     # -- joining and leaving ------------------------------------------------------------
 
@@ -100,10 +102,7 @@ class Home:
             self._ensure_broker()
             orphans = self._recover(alive, dead)
             self._join()
-        for upload_id in orphans:  # their messages are stuck in the shared broker: dispatch anew
-            from orchestrator import reconciler
-
-            log.warning("%s", reconciler.reconcile(self.settings, self.db, upload_id, force=True))
+        self._dispatch_again(orphans, "took over from an s3ferry command that died")
         if workers:
             self.start_worker(workers)
         return self
@@ -205,26 +204,55 @@ class Home:
 
     def _recover(self, alive: list[str], dead: list[str]) -> list[uuid.UUID]:
         """Release the claims of commands that died; returns the uploads to dispatch again."""
-        assert self.db is not None
         host = socket.gethostname()
         if not alive:
             # Nobody else runs: anything in flight or queued in the broker is a dead command's.
+            # Emptied, the broker has lost every active upload's dispatch: the reconciler sees it
+            # and dispatches them again (the worker asks for it when it starts; so does the
+            # command for its own upload).
             self._broker().flushall()
-            prefixes = [""]
-        else:
-            prefixes = [f"{host}:{token}:" for token in dead]
-        orphans: set[uuid.UUID] = set()
+            self._release_claims("", "its s3ferry command is gone")
+            return []
+        for token in dead:
+            self._release_claims(f"{host}:{token}:", "its s3ferry command is gone")
+        return self._active_uploads() if dead else []
+
+    def _active_uploads(self) -> list[uuid.UUID]:
+        """A worker that died held messages (the part it was sending, the ones it had reserved)
+        that the shared broker gives back only after its visibility timeout. Which uploads they
+        belonged to is not known: every upload in progress is dispatched again; a second message
+        for a part that is done or claimed is a no-op."""
+        from orchestrator.reconciler import ACTIVE
+
+        assert self.db is not None
         with self.db.transaction() as session:
-            for prefix in prefixes:
-                orphans.update(session.scalars(sa.select(Part.upload_id).where(
-                    Part.status == PartStatus.IN_FLIGHT, Part.worker.startswith(prefix, autoescape=True))))
-                released = transitions.release_claims(session, prefix, "its s3ferry command is gone")
-                if released:
-                    log.warning("released %d part claim(s) of s3ferry commands that died", released)
-        # Alone, the broker was emptied: the reconciler finds every active upload's dispatch
-        # lost and dispatches it again (the worker asks for it when it starts; so does the
-        # command for its own upload). Beside live commands, only the dead ones' uploads.
-        return [] if not alive else sorted(orphans)
+            return list(session.scalars(sa.select(Upload.id).where(Upload.status.in_(ACTIVE))))
+
+    def _release_claims(self, prefix: str, reason: str) -> None:
+        assert self.db is not None
+        try:
+            with self.db.transaction() as session:
+                released = transitions.release_claims(session, prefix, reason)
+        except S3FerryError as error:  # their leases run out anyway
+            log.warning("could not release part claims: %s", error)
+            return
+        if released:
+            log.info("released %d part claim(s): %s", released, reason)
+
+    def _adopt_dead_commands(self) -> None:
+        """While we run: take over the uploads of commands that died beside us (SIGKILL), now
+        rather than when their leases and the broker's visibility timeout run out."""
+        with self._locked():
+            alive, dead = self._sessions()
+            orphans = self._recover(alive + [self.token], dead) if dead else []
+        self._dispatch_again(orphans, "took over from an s3ferry command that died")
+
+    def _dispatch_again(self, uploads: list[uuid.UUID], why: str) -> None:
+        from orchestrator import reconciler
+
+        assert self.db is not None
+        for upload_id in uploads:
+            log.warning("%s: %s", why, reconciler.reconcile(self.settings, self.db, upload_id, force=True))
 
     # -- the broker -----------------------------------------------------------------------
 
@@ -290,7 +318,9 @@ class Home:
         env = {key: value for key, value in os.environ.items() if key != "REMAP_SIGTERM"}
         env.update(S3FERRY_DATABASE_URL=self.settings.database_url, S3FERRY_BROKER_URL=self.settings.broker_url,
                    S3FERRY_RESULT_BACKEND=self.settings.result_backend, S3FERRY_NODE_TOKEN=self.token,
-                   S3FERRY_PARENT_PID=str(os.getpid()))
+                   S3FERRY_PARENT_PID=str(os.getpid()),
+                   # the command does the graceful part itself (stop_worker): a cold stop is immediate
+                   S3FERRY_SOFT_SHUTDOWN_SECONDS="0")
         argv = [sys.executable, "-m", "orchestrator.cli", "worker", "--pool=threads", f"--concurrency={concurrency}",
                 f"--hostname=s3ferry-{self.token}@%h", "--loglevel=INFO"]
         with open(self.worker_log, "ab") as out:
@@ -304,7 +334,7 @@ class Home:
         """Called while the command waits: restart a worker that died, and run beat's schedule."""
         if self.worker is not None and self.worker.poll() is not None:
             code = self.worker.returncode
-            self._release_worker_claims(f"its worker died (exit {code})")
+            self._release_claims(self.node_prefix, f"its worker died (exit {code})")
             now = time.monotonic()
             self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW] + [now]
             if len(self._restarts) > MAX_RESTARTS:
@@ -315,6 +345,11 @@ class Home:
             print(f"s3ferry: the worker died (exit {code}); starting another (log: {self.worker_log})",
                   file=sys.stderr)
             self.start_worker(self._concurrency)
+            self._dispatch_again(self._active_uploads(), "the worker died")
+        now = time.monotonic()
+        if now >= self._next_look:
+            self._next_look = now + LOOK_EVERY
+            self._adopt_dead_commands()
         self._run_beat()
 
     def _run_beat(self) -> None:
@@ -335,8 +370,10 @@ class Home:
         worker, self.worker = self.worker, None
         if worker is None or worker.poll() is not None:
             if worker is not None:
-                self._release_worker_claims("its worker stopped")
+                self._release_claims(self.node_prefix, "its worker stopped")
             return
+        # Warm and cold shutdowns both hand the worker's unacknowledged messages back to the
+        # broker; only a SIGKILL leaves them there, for the reconciler.
         steps = ([(signal.SIGINT, WARM_STOP_SECONDS)] if graceful else []) + [
             (signal.SIGQUIT, COLD_STOP_SECONDS), (signal.SIGKILL, COLD_STOP_SECONDS)]
         for sig, seconds in steps:
@@ -347,16 +384,9 @@ class Home:
                 break
             except subprocess.TimeoutExpired:
                 continue
-        self._release_worker_claims("its worker stopped")
-
-    def _release_worker_claims(self, reason: str) -> None:
-        if self.db is None:
-            return
-        try:
-            with self.db.transaction() as session:
-                transitions.release_claims(session, self.node_prefix, reason)
-        except S3FerryError as error:  # the next command releases them
-            log.warning("could not release the worker's claims: %s", error)
+        self._release_claims(self.node_prefix, "its worker stopped")
+        if sig == signal.SIGKILL:
+            self._dispatch_again(self._active_uploads(), "the worker had to be killed")
 
 
 @contextlib.contextmanager

@@ -1,0 +1,276 @@
+"""Single-machine mode: no Postgres, no Redis to run; `s3ferry upload` alone, against moto's S3 server.
+
+Each test gets its own data folder (S3FERRY_HOME): its own SQLite state file
+and its own private Redis server, which the commands start and stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from models.db import Database
+from models.settings import broker_socket
+from models.states import PartStatus, UploadStatus
+from models.tables import Part, Upload
+from tests.conftest import sha256_of_object, write_random
+from tests.integration.helpers import MiB, S3FERRY, claims_per_part, run_cli, wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def local_env(service_env: dict[str, str], home: Path) -> Iterator[dict[str, str]]:
+    """The test environment without the fleet's database and broker: single-machine mode."""
+    env = {key: value for key, value in service_env.items()
+           if key not in ("S3FERRY_DATABASE_URL", "S3FERRY_BROKER_URL", "S3FERRY_RESULT_BACKEND",
+                          "S3FERRY_QUEUE", "S3FERRY_MAX_ACTIVE_UPLOADS")}
+    env["S3FERRY_HOME"] = str(home)
+    yield env
+    _assert_nothing_left_running(home)
+
+
+def _assert_nothing_left_running(home: Path) -> None:
+    sock = broker_socket(str(home))
+    pid_file = home / "broker" / "redis.pid"
+    leftover = []
+    if pid_file.exists():  # a test that failed half-way: stop the broker it left
+        pid = int(pid_file.read_text())
+        leftover.append(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            leftover.pop()
+    assert not leftover and not os.path.exists(sock), "the last command out must stop the local Redis server"
+
+
+def state(home: Path) -> Database:
+    return Database(f"sqlite:///{home / 'state.db'}")
+
+
+def uploads(home: Path) -> list[Upload]:
+    db = state(home)
+    try:
+        with db.transaction() as session:
+            return list(session.scalars(sa.select(Upload).order_by(Upload.created_at)))
+    finally:
+        db.dispose()
+
+
+def test_upload_with_no_services(local_env, s3, bucket, home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    source = tmp_path / "video.bin"
+    sha256 = write_random(source, 21 * MiB + 7)
+
+    run = run_cli(["upload", str(source), f"s3://{bucket}/v.bin", "--part-size", "5MiB"], local_env)
+
+    assert run.returncode == 0, run.stderr
+    assert sha256_of_object(s3, bucket, "v.bin") == sha256
+    [upload] = uploads(home)
+    assert (upload.status, upload.total_parts) == (UploadStatus.COMPLETE, 5)
+    assert str(upload.id) in run.stdout
+    assert list((home / "sessions").iterdir()) == []  # the command left
+    assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    # the same commands that read a fleet's state read this one
+    listed = run_cli(["ls"], local_env)
+    assert listed.returncode == 0 and str(upload.id) in listed.stdout and "complete" in listed.stdout
+
+
+def test_sigkill_then_the_same_command_resumes_without_sending_done_parts_again(  # type: ignore[no-untyped-def]
+        local_env, s3, bucket, home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "big.bin"
+    sha256 = write_random(source, 120 * MiB)
+    args = ["upload", str(source), f"s3://{bucket}/big.bin", "--part-size", "5MiB", "--concurrency", "2"]
+    first = subprocess.Popen([S3FERRY, *args], env=local_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db = state(home)
+    try:
+        wait_until(lambda: _done(db) >= 6, timeout=120)
+        first.kill()  # SIGKILL: no cleanup of any kind
+        first.wait(10)
+        worker_pid = json.loads(next((home / "sessions").iterdir()).read_text())["worker_pid"]
+        wait_until(lambda: not _alive(worker_pid), timeout=10)  # the worker went with its command
+        with db.transaction() as session:
+            done_before = set(session.scalars(sa.select(Part.part_number).where(Part.status == PartStatus.DONE)))
+            [upload_id] = session.scalars(sa.select(Upload.id))
+
+        second = run_cli(args, local_env)
+
+        assert second.returncode == 0, second.stderr
+        assert f"resuming upload {upload_id}" in second.stderr
+        assert sha256_of_object(s3, bucket, "big.bin") == sha256
+        claims = claims_per_part(db, upload_id)
+        assert len(claims) == 24 and all(claims[n] == 1 for n in done_before), claims  # done parts not sent again
+        assert [u.status for u in uploads(home)] == [UploadStatus.COMPLETE]
+    finally:
+        first.kill()
+        db.dispose()
+
+
+def test_two_commands_at_once_share_the_folder(local_env, s3, bucket, home: Path,  # type: ignore[no-untyped-def]
+                                                tmp_path: Path) -> None:
+    files = {name: tmp_path / f"{name}.bin" for name in ("a", "b")}
+    digests = {name: write_random(path, 30 * MiB + 1) for name, path in files.items()}
+    commands = {name: subprocess.Popen([S3FERRY, "upload", str(path), f"s3://{bucket}/{name}.bin", "--part-size",
+                                        "5MiB"], env=local_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True) for name, path in files.items()}
+    results = {name: command.communicate(timeout=300) for name, command in commands.items()}
+
+    for name, command in commands.items():
+        assert command.returncode == 0, results[name][1]
+        assert sha256_of_object(s3, bucket, f"{name}.bin") == digests[name]
+    assert [u.status for u in uploads(home)] == [UploadStatus.COMPLETE] * 2
+
+
+def test_a_command_takes_over_from_one_killed_beside_it(local_env, s3, bucket, home: Path,  # type: ignore[no-untyped-def]
+                                                        tmp_path: Path) -> None:
+    big, small = tmp_path / "big.bin", tmp_path / "small.bin"
+    digests = {"big": write_random(big, 300 * MiB), "small": write_random(small, 6 * MiB)}
+    first = subprocess.Popen([S3FERRY, "upload", str(big), f"s3://{bucket}/big.bin", "--part-size", "5MiB",
+                              "--concurrency", "1"], env=local_env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    db = state(home)
+    try:
+        wait_until(lambda: _done(db) >= 2, timeout=120)
+        # one file at a time: the second waits, queued, behind the first
+        second = subprocess.Popen([S3FERRY, "upload", str(small), f"s3://{bucket}/small.bin"], env=local_env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        wait_until(lambda: len(uploads(home)) == 2, timeout=60)
+        first.kill()
+        assert uploads(home)[0].status == UploadStatus.IN_PROGRESS  # killed mid-upload
+
+        _, err = second.communicate(timeout=300)
+
+        assert second.returncode == 0, err
+        assert "took over from an s3ferry command that died" in err
+        assert [u.status for u in uploads(home)] == [UploadStatus.COMPLETE] * 2  # the big one first
+        for name in digests:
+            assert sha256_of_object(s3, bucket, f"{name}.bin") == digests[name]
+    finally:
+        first.kill()
+        db.dispose()
+
+
+def test_ctrl_c_stops_the_command_and_the_same_command_resumes(local_env, s3, bucket, home: Path,  # type: ignore[no-untyped-def]
+                                                               tmp_path: Path) -> None:
+    source = tmp_path / "f.bin"
+    sha256 = write_random(source, 60 * MiB)
+    args = ["upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB", "--concurrency", "1"]
+    first = subprocess.Popen([S3FERRY, *args], env=local_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True)
+    db = state(home)
+    try:
+        wait_until(lambda: _done(db) >= 2, timeout=120)
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=60)
+        assert first.returncode == 130, err
+        assert "Run the same command again to resume" in err
+        assert not os.path.exists(broker_socket(str(home)))  # it stopped what it started
+
+        again = run_cli(args, local_env)
+
+        assert again.returncode == 0, again.stderr
+        assert sha256_of_object(s3, bucket, "f.bin") == sha256
+    finally:
+        first.kill()
+        db.dispose()
+
+
+def test_an_unwritable_data_folder_is_a_one_line_error(local_env, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    source = tmp_path / "f.bin"
+    write_random(source, 1000)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    env = dict(local_env, S3FERRY_HOME=str(blocker / "home"))
+
+    run = run_cli(["upload", str(source), f"s3://{bucket}/f.bin"], env)
+
+    assert run.returncode == 2
+    assert run.stderr.strip() == (f"s3ferry: error: the data folder {blocker / 'home'} is not writable "
+                                  "(Not a directory): set S3FERRY_HOME to a folder you can write to")
+
+
+def test_a_state_file_from_a_newer_s3ferry_is_refused_and_left_alone(local_env, s3, bucket, home: Path,  # type: ignore[no-untyped-def]
+                                                                     tmp_path: Path) -> None:
+    assert run_cli(["db", "upgrade"], local_env).returncode == 0
+    with sqlite3.connect(home / "state.db") as connection:
+        connection.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    source = tmp_path / "f.bin"
+    write_random(source, 1000)
+
+    run = run_cli(["upload", str(source), f"s3://{bucket}/f.bin"], local_env)
+
+    assert run.returncode == 2
+    assert run.stderr.strip() == (f"s3ferry: error: the state file {home / 'state.db'} was written by a newer "
+                                  "version of s3ferry: upgrade s3ferry, or set S3FERRY_HOME to another folder")
+    with sqlite3.connect(home / "state.db") as connection:
+        assert connection.execute("SELECT version_num FROM alembic_version").fetchall() == [("9999_from_the_future",)]
+        assert connection.execute("SELECT count(*) FROM uploads").fetchone() == (0,)
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["upload", "{source}", "s3://{bucket}/f.bin", "--no-wait"], "--no-wait needs a worker fleet"),
+    (["worker"], "`s3ferry worker` is for a worker fleet"),
+    (["beat"], "`s3ferry beat` is for a worker fleet"),
+])
+def test_fleet_only_options_are_refused(local_env, bucket, tmp_path: Path, args: list[str],  # type: ignore[no-untyped-def]
+                                        message: str) -> None:
+    source = tmp_path / "f.bin"
+    write_random(source, 1000)
+    run = run_cli([a.format(source=source, bucket=bucket) for a in args], local_env, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.startswith(f"s3ferry: error: {message}") and run.stderr.count("\n") == 1
+
+
+def test_a_missing_file_changes_nothing(local_env, bucket, home: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run = run_cli(["upload", str(tmp_path / "nope.bin"), f"s3://{bucket}/x"], local_env)
+    assert run.returncode == 2 and "nope.bin" in run.stderr
+    assert not home.exists()  # checked before anything is created
+
+
+def test_demo_reports_a_matching_checksum(service_env: dict[str, str]) -> None:
+    env = {key: value for key, value in service_env.items() if not key.startswith(("S3FERRY_", "AWS_"))}
+
+    run = subprocess.run([S3FERRY, "demo", "--size", "160MiB"], env=env, capture_output=True, text=True,
+                         timeout=300)
+
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "killed the command and its worker with SIGKILL" in run.stdout
+    assert "the same command again" in run.stdout
+    assert "matches the file" in run.stdout and "SHA-256                   match" in run.stdout
+    folder = run.stdout.split("everything in ", 1)[1].split(")", 1)[0]
+    assert not Path(folder).exists()  # cleaned up
+
+
+def _done(db: Database) -> int:
+    try:
+        with db.transaction() as session:
+            return session.scalar(sa.select(sa.func.count()).select_from(Part)
+                                  .where(Part.status == PartStatus.DONE)) or 0
+    except Exception:  # noqa: BLE001 - not created yet
+        return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
