@@ -97,7 +97,7 @@ class Settings:
             if raw is None or raw == "" or field.name in _DERIVED:
                 continue
             values[field.name] = _parse(field.name, raw, type(field.default))
-        values["home"] = os.path.abspath(os.path.expanduser(str(values.get("home") or default_home())))
+        values["home"] = os.path.realpath(os.path.expanduser(str(values.get("home") or default_home())))
         given = [name for name in ("database_url", "broker_url") if name in values]
         if not given:
             values.update(local_urls(str(values["home"])), local=True)
@@ -121,7 +121,10 @@ def local_urls(home: str) -> dict[str, str]:
     """Single-machine mode's database and Redis URLs, derived from the data folder alone, so the
     command and the workers it starts agree without passing anything around."""
     sock = broker_socket(home)
-    return {"database_url": f"sqlite:///{os.path.join(home, 'state.db')}",
+    import sqlalchemy as sa
+
+    state = sa.URL.create("sqlite", database=os.path.join(home, "state.db")).render_as_string()  # escaped
+    return {"database_url": state,
             "broker_url": f"redis+socket://{sock}",
             # Celery's result backend spells a unix socket socket:///path; db 1 beside the queue's 0
             "result_backend": f"socket://{sock}?virtual_host=1"}

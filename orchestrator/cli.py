@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -35,11 +36,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if args.verbose
                         else "s3ferry: %(message)s")
-    if not args.verbose:  # the commands print the reconciler's reports themselves
+    if not args.verbose and args.command != "worker":  # these commands print the reconciler's reports
         logging.getLogger("orchestrator.reconciler").setLevel(logging.ERROR)
     logs.add_context(logging.getLogger())
     try:
         settings = Settings.from_env()
+        if settings.local and args.command not in ("worker", "beat", "demo"):
+            local.interrupt_on_termination()
         if settings.local and args.command not in ("upload", "worker", "beat", "demo"):
             # single-machine mode: the state file at the newest schema (commands that use the
             # broker or run workers join the data folder themselves: local.attach)
@@ -214,12 +217,15 @@ def _upload_with(args: argparse.Namespace, settings: Settings, home: local.Home 
     print(done.upload_id, flush=True)
     if done.resumed:
         snap = progress.snapshot(db, done.upload_id)
-        if snap.status == UploadStatus.PAUSED:
+        if snap.status == UploadStatus.PAUSED and home is None:  # a fleet's paused upload: someone paused it
             raise UserError(f"upload {done.upload_id} of this file is paused: "
                             f"`s3ferry resume {done.upload_id}` continues it")
         print(f"resuming upload {done.upload_id} of this file to {done.destination}: "
               f"{snap.parts_done} of {snap.parts_total} parts already done", file=sys.stderr)
-        print(f"s3ferry: {reconciler.reconcile(settings, db, done.upload_id)}", file=sys.stderr)
+        if snap.status == UploadStatus.PAUSED:  # on one machine, stopped by Ctrl-C (or paused): go on
+            print(f"s3ferry: {operations.resume(settings, db, done.upload_id)}", file=sys.stderr)
+        else:
+            print(f"s3ferry: {reconciler.reconcile(settings, db, done.upload_id)}", file=sys.stderr)
     else:
         if done.plan.adjusted:
             print(f"s3ferry: note: {done.plan.describe_adjustment()}", file=sys.stderr)
@@ -374,9 +380,13 @@ def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25, home: local
             time.sleep(interval)
     except KeyboardInterrupt:
         if home is not None:
+            # Paused, so that no other command's worker goes on with it and it does not hold
+            # the queue; the same command resumes it.
+            with contextlib.suppress(S3FerryError):
+                operations.pause(home.settings, db, upload_id)
             home.stop_worker(graceful=False)
-            print("\ns3ferry: stopped. Run the same command again to resume from the parts already uploaded.",
-                  file=sys.stderr)
+            print(f"\ns3ferry: stopped; upload {upload_id} is paused. Run the same command again to resume it "
+                  "from the parts already uploaded.", file=sys.stderr)
         else:
             print(f"\ns3ferry: stopped watching; the upload goes on. `s3ferry status {upload_id}` shows it.",
                   file=sys.stderr)

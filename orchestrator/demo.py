@@ -42,6 +42,7 @@ class Demo:
         self.file = folder / "demo.bin"
         self.started = time.monotonic()
         self.step = 0
+        self.commands: list[subprocess.Popen[bytes]] = []
 
     def say(self, text: str, seconds: float | None = None) -> None:
         timing = f"  [{seconds:.1f} s]" if seconds is not None else ""
@@ -75,6 +76,7 @@ def run(size: int, kill_at: float = 0.4, keep: bool = False) -> int:
         with moto_server(folder) as endpoint:
             return _run(demo, endpoint)
     finally:
+        _stop_leftovers(demo)
         if keep:
             print(f"\nkept {folder}: the file, the state file (home/state.db) and the logs (home/logs)")
         else:
@@ -102,25 +104,25 @@ def _run(demo: Demo, endpoint: str) -> int:
                   f"{demo.home}/state.db, the command runs its own worker)")
     began = time.monotonic()
     first = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
+    demo.commands.append(first)
     db = _state(demo)
-    try:
-        killed = _kill_part_way(demo, db, first)
-    except BaseException:
-        first.kill()
-        raise
+    killed = _kill_part_way(demo, db, first)
     if killed is None:
-        print(f"s3ferry demo: the upload ended (exit {first.returncode}) before it reached "
-              f"{demo.kill_at:.0%}: nothing to resume; try a larger --size", file=sys.stderr)
+        print(f"s3ferry demo: the upload command ended (exit {first.returncode}) before the upload reached "
+              f"{demo.kill_at:.0%}{': nothing to resume; try a larger --size' if first.returncode == 0 else ''}; "
+              f"logs in {demo.home / 'logs'}", file=sys.stderr)
         return 1
     done, in_flight, total = killed
     demo.say(f"\n   killed the command and its worker with SIGKILL at {done / total:.0%}: "
              f"{done} of {total} parts done, {in_flight} in flight", time.monotonic() - began)
 
-    demo.numbered(f"what the state file says now: {_counts(db)}; nothing runs")
+    demo.numbered(f"what the state file says now: {_counts(db)}; the command and its worker are gone")
 
     demo.numbered("the same command again: it finds the upload of this file and resumes it")
     began = time.monotonic()
-    second = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL)
+    second = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL)
+    demo.commands.append(second)
+    second.wait()
     resumed_in = time.monotonic() - began
     if second.returncode != 0:
         print(f"s3ferry demo: the second upload command failed (exit {second.returncode}); logs in "
@@ -163,14 +165,30 @@ def _kill_part_way(demo: Demo, db: Database, command: subprocess.Popen[bytes]) -
         counts = _progress(db)
         if counts is not None:
             done_bytes, done, in_flight, total = counts
-            if done_bytes >= demo.kill_at * demo.size:
-                for pid in _pids(demo.home):  # the worker first, then the command
+            pids = _pids(demo.home)  # the worker first, then the command
+            if done_bytes >= demo.kill_at * demo.size and len(pids) == 2:
+                for pid in pids:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
                 command.wait()
                 return done, in_flight, total
         time.sleep(0.05)
     return None
+
+
+def _stop_leftovers(demo: Demo) -> None:
+    """Interrupted (Ctrl-C) or failed: let the upload commands stop as they do on Ctrl-C, and
+    stop the Redis server a killed one left, before its folder goes."""
+    for command in demo.commands:
+        if command.poll() is None:
+            command.send_signal(signal.SIGINT)
+    for command in demo.commands:
+        try:
+            command.wait(30)
+        except subprocess.TimeoutExpired:
+            command.kill()
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int((demo.home / "broker" / "redis.pid").read_text()), signal.SIGTERM)
 
 
 def _progress(db: Database) -> tuple[int, int, int, int] | None:

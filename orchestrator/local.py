@@ -99,6 +99,7 @@ class Home:
             self._migrate()
             self.db = Database(self.settings.database_url)
             alive, dead = self._sessions()
+            self._refuse_other_credentials(alive)
             self._ensure_broker()
             orphans = self._recover(alive, dead)
             self._join()
@@ -112,6 +113,9 @@ class Home:
         try:
             self.stop_worker(graceful)
         finally:
+            self._release_claims(self.node_prefix, "its s3ferry command stopped")
+            with contextlib.suppress(S3FerryError):
+                self._look_around()  # a command that died beside us must not go unnoticed
             with self._locked():
                 if self._session is not None:
                     with contextlib.suppress(OSError):
@@ -198,9 +202,22 @@ class Home:
         if self._session is None:
             return
         data = json.dumps({"pid": os.getpid(), "worker_pid": self.worker.pid if self.worker else None,
-                           "worker_log": str(self.worker_log)}).encode()
+                           "worker_log": str(self.worker_log), "aws": aws_fingerprint()}).encode()
         os.ftruncate(self._session, 0)
         os.pwrite(self._session, data, 0)
+
+    def _refuse_other_credentials(self, alive: list[str]) -> None:
+        """Commands of one data folder share their workers: each sends any upload's parts with
+        its own AWS settings. Refuse to join commands that run with other ones."""
+        mine = aws_fingerprint()
+        for token in alive:
+            with contextlib.suppress(OSError, ValueError):
+                theirs = json.loads((self.path / "sessions" / token).read_text() or "{}").get("aws")
+                if theirs and theirs != mine:
+                    raise UserError(
+                        "another s3ferry command is uploading from this data folder with other AWS settings "
+                        "(AWS_PROFILE, AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, AWS_REGION…); commands of one folder "
+                        "share their workers: wait for it to finish, or set S3FERRY_HOME to another folder")
 
     def _recover(self, alive: list[str], dead: list[str]) -> list[uuid.UUID]:
         """Release the claims of commands that died; returns the uploads to dispatch again."""
@@ -239,20 +256,31 @@ class Home:
         if released:
             log.info("released %d part claim(s): %s", released, reason)
 
-    def _adopt_dead_commands(self) -> None:
+    def _look_around(self) -> None:
         """While we run: take over the uploads of commands that died beside us (SIGKILL), now
-        rather than when their leases and the broker's visibility timeout run out."""
+        rather than when their leases and the broker's visibility timeout run out; and start
+        the broker again if it died (killed, or its socket removed), dispatching what it held."""
         with self._locked():
             alive, dead = self._sessions()
             orphans = self._recover(alive + [self.token], dead) if dead else []
-        self._dispatch_again(orphans, "took over from an s3ferry command that died")
+            restarted = not self.broker_running()
+            if restarted:
+                self._ensure_broker()
+        if restarted:
+            log.warning("the local Redis server was gone: started it again")
+            self._dispatch_again(self._active_uploads(), "the broker was lost")
+        else:
+            self._dispatch_again(orphans, "took over from an s3ferry command that died")
 
     def _dispatch_again(self, uploads: list[uuid.UUID], why: str) -> None:
         from orchestrator import reconciler
 
         assert self.db is not None
         for upload_id in uploads:
-            log.warning("%s: %s", why, reconciler.reconcile(self.settings, self.db, upload_id, force=True))
+            try:
+                log.warning("%s: %s", why, reconciler.reconcile(self.settings, self.db, upload_id, force=True))
+            except Exception as error:  # noqa: BLE001 - another upload's trouble is not this command's;
+                log.warning("%s: reconciling %s failed: %s", why, upload_id, error)  # the next look retries
 
     # -- the broker -----------------------------------------------------------------------
 
@@ -349,7 +377,7 @@ class Home:
         now = time.monotonic()
         if now >= self._next_look:
             self._next_look = now + LOOK_EVERY
-            self._adopt_dead_commands()
+            self._look_around()
         self._run_beat()
 
     def _run_beat(self) -> None:
@@ -358,7 +386,8 @@ class Home:
 
         now = time.monotonic()
         for name, entry in app.conf.beat_schedule.items():
-            due = self._due.setdefault(name, now + float(entry["schedule"]))
+            # the sweeper at once (a command rarely runs for its hour), the others after their interval
+            due = self._due.setdefault(name, now if entry["task"] == "s3ferry.sweep" else now + float(entry["schedule"]))
             if now >= due:
                 self._due[name] = now + float(entry["schedule"])
                 with contextlib.suppress(Exception):  # the next round tries again
@@ -367,8 +396,9 @@ class Home:
     def stop_worker(self, graceful: bool = True) -> None:
         """Graceful: parts in flight finish (Celery's warm shutdown); else they stop now and
         their claims are released, to be sent again by the next command."""
-        worker, self.worker = self.worker, None
+        worker = self.worker
         if worker is None or worker.poll() is not None:
+            self.worker = None
             if worker is not None:
                 self._release_claims(self.node_prefix, "its worker stopped")
             return
@@ -376,14 +406,16 @@ class Home:
         # broker; only a SIGKILL leaves them there, for the reconciler.
         steps = ([(signal.SIGINT, WARM_STOP_SECONDS)] if graceful else []) + [
             (signal.SIGQUIT, COLD_STOP_SECONDS), (signal.SIGKILL, COLD_STOP_SECONDS)]
-        for sig, seconds in steps:
-            with contextlib.suppress(ProcessLookupError):
-                worker.send_signal(sig)
-            try:
-                worker.wait(seconds)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        with _ignoring_interrupts():  # a second Ctrl-C must not leave the worker half-stopped
+            for sig, seconds in steps:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.send_signal(sig)
+                try:
+                    worker.wait(seconds)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        self.worker = None
         self._release_claims(self.node_prefix, "its worker stopped")
         if sig == signal.SIGKILL:
             self._dispatch_again(self._active_uploads(), "the worker had to be killed")
@@ -415,6 +447,44 @@ def prepared(settings: Settings) -> None:
     """Make sure the state file exists at the newest schema (single-machine mode only)."""
     if settings.local:
         Home(settings).prepare().dispose()
+
+
+#: What decides where and as whom a worker sends: compared between the commands of one data
+#: folder. Secrets are not part of it (the access key id names the key, it is not the key).
+AWS_IDENTITY = ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ROLE_ARN")
+
+
+def aws_fingerprint() -> str:
+    import hashlib
+
+    identity = "\n".join(f"{name}={os.environ.get(name, '')}" for name in AWS_IDENTITY)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _ignoring_interrupts() -> Iterator[None]:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP (`timeout`, systemd, a closed terminal) stop a command the way Ctrl-C
+    does: its worker stopped, its claims released, the broker stopped if it was the last."""
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupt)
 
 
 def die_with_parent(parent: int) -> None:

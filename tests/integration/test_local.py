@@ -175,15 +175,70 @@ def test_ctrl_c_stops_the_command_and_the_same_command_resumes(local_env, s3, bu
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=60)
         assert first.returncode == 130, err
-        assert "Run the same command again to resume" in err
+        assert "is paused. Run the same command again to resume it" in err
         assert not os.path.exists(broker_socket(str(home)))  # it stopped what it started
+        [stopped] = uploads(home)
+        assert stopped.status == UploadStatus.PAUSED
+        done = _done(db)
+
+        # a paused upload does not hold the queue, and nobody else's worker goes on with it
+        other = tmp_path / "other.bin"
+        other_sha = write_random(other, 6 * MiB)
+        assert run_cli(["upload", str(other), f"s3://{bucket}/other.bin"], local_env).returncode == 0
+        assert sha256_of_object(s3, bucket, "other.bin") == other_sha
+        assert uploads(home)[0].status == UploadStatus.PAUSED and _done(db) == done + 1
 
         again = run_cli(args, local_env)
 
         assert again.returncode == 0, again.stderr
+        assert f"resuming upload {stopped.id}" in again.stderr
         assert sha256_of_object(s3, bucket, "f.bin") == sha256
     finally:
         first.kill()
+        db.dispose()
+
+
+def test_a_command_with_other_aws_settings_is_refused_beside_a_running_one(  # type: ignore[no-untyped-def]
+        local_env, s3, bucket, home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "f.bin"
+    write_random(source, 60 * MiB)
+    first = subprocess.Popen([S3FERRY, "upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB",
+                              "--concurrency", "1"], env=local_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db = state(home)
+    try:
+        wait_until(lambda: _done(db) >= 1, timeout=120)
+
+        run = run_cli(["upload", str(source), f"s3://{bucket}/g.bin"], dict(local_env, AWS_ACCESS_KEY_ID="someone-else"))
+
+        assert run.returncode == 2
+        assert run.stderr.startswith("s3ferry: error: another s3ferry command is uploading from this data folder "
+                                     "with other AWS settings") and run.stderr.count("\n") == 1
+        assert first.wait(120) == 0
+        assert len(uploads(home)) == 1
+    finally:
+        first.kill()
+        db.dispose()
+
+
+def test_the_command_starts_its_redis_again_if_it_dies(local_env, s3, bucket, home: Path,  # type: ignore[no-untyped-def]
+                                                        tmp_path: Path) -> None:
+    source = tmp_path / "f.bin"
+    sha256 = write_random(source, 60 * MiB)
+    command = subprocess.Popen([S3FERRY, "upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB",
+                                "--concurrency", "1"], env=local_env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    db = state(home)
+    try:
+        wait_until(lambda: _done(db) >= 2, timeout=120)
+        os.kill(int((home / "broker" / "redis.pid").read_text()), signal.SIGKILL)
+
+        _, err = command.communicate(timeout=180)
+
+        assert command.returncode == 0, err
+        assert "the local Redis server was gone: started it again" in err
+        assert sha256_of_object(s3, bucket, "f.bin") == sha256
+    finally:
+        command.kill()
         db.dispose()
 
 
