@@ -65,8 +65,8 @@ boto3.client("s3").upload_file(sys.argv[1], "bench", sys.argv[2], Config=t.Trans
 class Measured:
     """One tool run: wall seconds, client CPU seconds, peak RSS bytes."""
 
-    def __init__(self, seconds: float, cpu: float, rss: int) -> None:
-        self.seconds, self.cpu, self.rss = seconds, cpu, rss
+    def __init__(self, seconds: float, cpu: float, rss: int, split: dict[str, float] | None = None) -> None:
+        self.seconds, self.cpu, self.rss, self.split = seconds, cpu, rss, split or {}
 
 
 def timed(argv: list[str], env: dict[str, str]) -> Measured:
@@ -102,7 +102,8 @@ class S3ferry:
         worker.returncode = 0
         log.close()
         worker_cpu = usage.ru_utime + usage.ru_stime - cpu_at_ready
-        return Measured(command.seconds, command.cpu + worker_cpu, usage.ru_maxrss * 1024)
+        return Measured(command.seconds, command.cpu + worker_cpu, usage.ru_maxrss * 1024,
+                        {"command_cpu_s": command.cpu, "worker_cpu_s": worker_cpu})
 
 
 def boto3_tool(env: dict[str, str], concurrency: int) -> Callable[[Path, str, int], Measured]:
@@ -251,7 +252,7 @@ def throughput(tools: dict[str, Callable[[Path, str, int], Measured]], work: Pat
                     assert sha256_of_object(key) == sha256, f"{name}: SHA-256 differs"
                 requests = moto.requests()
             samples[name].append({"seconds": measured.seconds, "cpu_s": measured.cpu, "peak_rss": measured.rss,
-                                  "requests": requests})
+                                  "requests": requests, **measured.split})
             print(f"run {run + 1} {name:10s} {measured.seconds:6.2f} s  {size / measured.seconds / 1e6:6.1f} MB/s  "
                   f"cpu {measured.cpu:5.2f} s  rss {measured.rss / MiB:6.1f} MiB  {requests} requests", flush=True)
     summary: dict[str, object] = {}
