@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
@@ -139,6 +140,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", "-P", choices=("prefork", "threads", "solo"), default="prefork",
                         help="Celery pool: processes (default) or threads")
     worker.set_defaults(run=_worker)
+
+    flower = commands.add_parser("flower", help="Flower, the Celery dashboard, behind basic auth "
+                                 "(S3FERRY_FLOWER_BASIC_AUTH=user:password)")
+    flower.add_argument("--port", type=int, default=5555, help="default 5555")
+    flower.add_argument("--address", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 in "
+                        "containers)")
+    flower.set_defaults(run=_flower)
 
     demo = commands.add_parser("demo", help=(
         "upload a random file to a local S3 server, kill the workers part-way, resume, check the SHA-256"))
@@ -428,6 +436,24 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)
+    return 0
+
+
+#: user:password, or several separated by commas (Flower's own format)
+FLOWER_AUTH = re.compile(r"[^:,\s]+:[^,\s]+(,[^:,\s]+:[^,\s]+)*")
+
+
+def _flower(args: argparse.Namespace, settings: Settings) -> int:
+    _refuse_local(settings, "flower")
+    auth = os.environ.get("S3FERRY_FLOWER_BASIC_AUTH", "")
+    if not FLOWER_AUTH.fullmatch(auth):
+        raise UserError("set S3FERRY_FLOWER_BASIC_AUTH=user:password (several separated by commas): Flower shows "
+                        "every worker and task, so s3ferry never runs it without credentials")
+    # Handed to Flower through its environment, not its command line, where `ps` would show it.
+    os.environ["FLOWER_BASIC_AUTH"] = auth
+    from workers.app import app
+
+    app.start(["flower", f"--port={args.port}", f"--address={args.address}"])
     return 0
 
 

@@ -1,0 +1,85 @@
+"""`s3ferry flower`: the real Flower against the test broker, behind basic auth."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import services
+from tests.conftest import write_random
+from tests.integration.helpers import MiB, S3FERRY, run_cli
+
+pytestmark = pytest.mark.integration
+
+AUTH = "ops:correct-horse-battery"
+
+
+@pytest.fixture
+def flower(worker, service_env: dict[str, str], tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    port = services.free_port()
+    log = tmp_path / "flower.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([S3FERRY, "flower", f"--port={port}"], env=dict(
+            service_env, S3FERRY_FLOWER_BASIC_AUTH=AUTH), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        services.wait_for(lambda: services.listening("127.0.0.1", port), 60, "flower", log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(20)
+    assert "correct-horse-battery" not in log.read_text(errors="replace")  # never logged
+
+
+def get(url: str, auth: str | None) -> tuple[int, str]:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, ""
+
+
+def test_flower_shows_the_workers_and_their_tasks_only_with_credentials(  # type: ignore[no-untyped-def]
+        flower: str, worker, service_env, bucket, tmp_path: Path) -> None:
+    assert get(f"{flower}/api/workers", None)[0] == 401
+    assert get(f"{flower}/api/workers", "ops:wrong")[0] == 401
+    assert get(f"{flower}/", None)[0] == 401
+
+    deadline = time.monotonic() + 30
+    while True:  # Flower lists workers a few seconds after it starts
+        status, body = get(f"{flower}/api/workers?refresh=1", AUTH)
+        assert status == 200
+        if any(name.startswith("worker@") for name in json.loads(body)):
+            break
+        assert time.monotonic() < deadline, f"no s3ferry worker in Flower: {body[:500]}"
+        time.sleep(1)
+
+    source = tmp_path / "f.bin"
+    write_random(source, 11 * MiB)
+    assert run_cli(["upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB"], service_env).returncode == 0
+    deadline = time.monotonic() + 30
+    while True:
+        status, body = get(f"{flower}/api/tasks?limit=1000", AUTH)
+        tasks = [t for t in json.loads(body).values() if t.get("name") == "s3ferry.upload_part"]
+        if len(tasks) >= 3:
+            break
+        assert time.monotonic() < deadline, "the upload's part tasks never showed in Flower"
+        time.sleep(1)
+    for task in tasks:  # ids only: an upload id and a part number
+        assert "testing" not in body and "http" not in str(task.get("args"))
+
+
+def test_flower_refuses_to_start_without_credentials(service_env: dict[str, str]) -> None:
+    run = run_cli(["flower", "--port", str(services.free_port())], service_env, timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.startswith("s3ferry: error: set S3FERRY_FLOWER_BASIC_AUTH=user:password")
