@@ -148,6 +148,11 @@ def _parser() -> argparse.ArgumentParser:
                         "containers)")
     flower.set_defaults(run=_flower)
 
+    metrics = commands.add_parser("metrics", help="Prometheus metrics of the whole fleet, read from the database")
+    metrics.add_argument("--port", type=int, default=9808, help="default 9808")
+    metrics.add_argument("--address", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    metrics.set_defaults(run=_metrics)
+
     demo = commands.add_parser("demo", help=(
         "upload a random file to a local S3 server, kill the workers part-way, resume, check the SHA-256"))
     demo.add_argument("--size", type=_size, default=parse_size("1GiB"), help="size of the file (default 1GiB)")
@@ -454,6 +459,16 @@ def _flower(args: argparse.Namespace, settings: Settings) -> int:
     from workers.app import app
 
     app.start(["flower", f"--port={args.port}", f"--address={args.address}"])
+    return 0
+
+
+def _metrics(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator import metrics
+
+    db = Database(settings.database_url)
+    db.check()  # an unreachable database fails here, not at the first scrape
+    print(f"serving metrics on http://{args.address}:{args.port}/metrics", file=sys.stderr, flush=True)
+    metrics.serve(db, args.port, args.address)
     return 0
 
 

@@ -33,7 +33,7 @@ def test_the_stack_has_postgres_redis_minio_migration_workers_and_flower() -> No
 def test_every_s3ferry_service_runs_a_real_role() -> None:
     services = compose()["services"]
     roles = s3ferry_roles()
-    for name in ("migrate", "worker", "beat", "flower"):
+    for name in ("migrate", "worker", "beat", "flower", "metrics"):
         assert services[name]["build"]["dockerfile"] == "deploy/Dockerfile"
         assert services[name]["command"][0] in roles, name
     assert services["migrate"]["command"] == ["db", "upgrade"]

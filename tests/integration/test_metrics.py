@@ -1,0 +1,56 @@
+"""`s3ferry metrics`: scraped before and after an upload, its counters move by what the upload did."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import services
+from tests.conftest import write_random
+from tests.integration.helpers import MiB, S3FERRY, run_cli
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def metrics_url(service_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    port = services.free_port()
+    log = tmp_path / "metrics.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([S3FERRY, "metrics", f"--port={port}"], env=service_env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        services.wait_for(lambda: services.listening("127.0.0.1", port), 60, "metrics", log)
+        yield f"http://127.0.0.1:{port}/metrics"
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        text = response.read().decode()
+    return {match[1]: float(match[2]) for match in re.finditer(r"^([a-z0-9_]+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+
+def test_counters_move_with_an_upload(metrics_url: str, worker, service_env, bucket,  # type: ignore[no-untyped-def]
+                                      tmp_path: Path) -> None:
+    before = scrape(metrics_url)
+    source = tmp_path / "f.bin"
+    write_random(source, 12 * MiB)
+
+    assert run_cli(["upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB"], service_env).returncode == 0
+
+    after = scrape(metrics_url)
+    assert after["s3ferry_uploaded_bytes_total"] - before["s3ferry_uploaded_bytes_total"] == 12 * MiB
+    assert after['s3ferry_parts_total{outcome="done"}'] - before['s3ferry_parts_total{outcome="done"}'] == 3
+    assert after['s3ferry_uploads{status="complete"}'] - before['s3ferry_uploads{status="complete"}'] == 1
+    assert after["s3ferry_part_duration_seconds_count"] - before["s3ferry_part_duration_seconds_count"] == 3
+    assert after['s3ferry_part_duration_seconds_bucket{le="+Inf"}'] == after["s3ferry_part_duration_seconds_count"]
+    assert after["s3ferry_part_duration_seconds_sum"] > before["s3ferry_part_duration_seconds_sum"]
+    assert "s3ferry_part_retries_total" in after and "s3ferry_parts_in_flight" in after
