@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import crc32c
@@ -62,3 +63,16 @@ def wait_until(check, timeout: float = 60) -> None:  # type: ignore[no-untyped-d
     while not check():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def serving(args: Sequence[str], env: dict[str, str], port: int, log: Path) -> Iterator[str]:
+    """Run `s3ferry ARGS` (a server on `port`) until the block ends; yields its base URL."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen([S3FERRY, *args], env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        services.wait_for(lambda: services.listening("127.0.0.1", port), 60, args[0], log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(20)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -15,7 +14,7 @@ import pytest
 
 from tests import services
 from tests.conftest import write_random
-from tests.integration.helpers import MiB, S3FERRY, run_cli
+from tests.integration.helpers import MiB, run_cli, serving
 
 pytestmark = pytest.mark.integration
 
@@ -26,15 +25,8 @@ AUTH = "ops:correct-horse-battery"
 def flower(worker, service_env: dict[str, str], tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
     port = services.free_port()
     log = tmp_path / "flower.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([S3FERRY, "flower", f"--port={port}"], env=dict(
-            service_env, S3FERRY_FLOWER_BASIC_AUTH=AUTH), stdout=out, stderr=subprocess.STDOUT)
-    try:
-        services.wait_for(lambda: services.listening("127.0.0.1", port), 60, "flower", log)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(20)
+    with serving(["flower", f"--port={port}"], dict(service_env, S3FERRY_FLOWER_BASIC_AUTH=AUTH), port, log) as url:
+        yield url
     assert "correct-horse-battery" not in log.read_text(errors="replace")  # never logged
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 from tests import services
 from tests.conftest import write_random
-from tests.integration.helpers import MiB, S3FERRY, run_cli
+from tests.integration.helpers import MiB, run_cli, serving
 
 pytestmark = pytest.mark.integration
 
@@ -20,16 +19,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def metrics_url(service_env: dict[str, str], tmp_path: Path) -> Iterator[str]:
     port = services.free_port()
-    log = tmp_path / "metrics.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen([S3FERRY, "metrics", f"--port={port}"], env=service_env, stdout=out,
-                                   stderr=subprocess.STDOUT)
-    try:
-        services.wait_for(lambda: services.listening("127.0.0.1", port), 60, "metrics", log)
-        yield f"http://127.0.0.1:{port}/metrics"
-    finally:
-        process.terminate()
-        process.wait(20)
+    with serving(["metrics", f"--port={port}"], service_env, port, tmp_path / "metrics.log") as url:
+        yield f"{url}/metrics"
 
 
 def scrape(url: str) -> dict[str, float]:
