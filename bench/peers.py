@@ -24,7 +24,6 @@ bench/results/peers.json.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import re
@@ -47,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import migrate  # noqa: E402
 from models.settings import GiB, MiB, parse_size  # noqa: E402
+from orchestrator.demo import sha256_of_object, write_random  # noqa: E402
 from tests import services  # noqa: E402
 
 BUCKET = "bench"
@@ -88,22 +88,26 @@ class S3ferry:
         self.work, self.env, self.concurrency = work, env, concurrency
 
     def __call__(self, source: Path, key: str, part_size: int) -> Measured:
-        log = open(self.work / "worker.log", "wb")
-        worker = subprocess.Popen([str(services.BIN / "s3ferry"), "worker", "--pool=threads",
-                                   f"--concurrency={self.concurrency}", "--loglevel=INFO"], env=self.env,
-                                  stdout=log, stderr=log)
-        services.wait_for(lambda: "ready." in (self.work / "worker.log").read_text(errors="replace"), 60,
-                          "the bench worker", self.work / "worker.log")
+        worker = start(self.work, self.env, [str(services.BIN / "s3ferry"), "worker", "--pool=threads",
+                                             f"--concurrency={self.concurrency}", "--loglevel=INFO"], "worker")
         cpu_at_ready = sum(psutil.Process(worker.pid).cpu_times()[:2])
         command = timed([str(services.BIN / "s3ferry"), "upload", str(source), f"s3://{BUCKET}/{key}",
                          "--part-size", str(part_size)], self.env)
         worker.send_signal(signal.SIGTERM)
         _, _, usage = os.wait4(worker.pid, 0)
         worker.returncode = 0
-        log.close()
         worker_cpu = usage.ru_utime + usage.ru_stime - cpu_at_ready
         return Measured(command.seconds, command.cpu + worker_cpu, usage.ru_maxrss * 1024,
                         {"command_cpu_s": command.cpu, "worker_cpu_s": worker_cpu})
+
+
+def start(work: Path, env: dict[str, str], argv: list[str], name: str) -> subprocess.Popen[bytes]:
+    """A Celery worker (or any process that logs "ready."), its log in work/NAME.log; once ready."""
+    path = work / f"{name}.log"
+    log = open(path, "wb")
+    process = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=work)
+    services.wait_for(lambda: "ready." in path.read_text(errors="replace"), 60, name, path)
+    return process
 
 
 def boto3_tool(env: dict[str, str], concurrency: int) -> Callable[[Path, str, int], Measured]:
@@ -249,7 +253,7 @@ def throughput(tools: dict[str, Callable[[Path, str, int], Measured]], work: Pat
                 head = client().head_object(Bucket=BUCKET, Key=key)
                 assert head["ContentLength"] == size, (name, head["ContentLength"], size)
                 if run == 0:
-                    assert sha256_of_object(key) == sha256, f"{name}: SHA-256 differs"
+                    assert sha256_of_object(client(), BUCKET, key) == sha256, f"{name}: SHA-256 differs"
                 requests = moto.requests()
             samples[name].append({"seconds": measured.seconds, "cpu_s": measured.cpu, "peak_rss": measured.rss,
                                   "requests": requests, **measured.split})
@@ -294,23 +298,6 @@ def bench_env(endpoint: str) -> dict[str, str]:
                 # the worker is stopped after each run: at once, it is idle
                 "S3FERRY_SOFT_SHUTDOWN_SECONDS": "0"})
     return env
-
-
-def write_random(path: Path, size: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "wb") as out:
-        for offset in range(0, size, 8 * MiB):
-            chunk = os.urandom(min(8 * MiB, size - offset))
-            out.write(chunk)
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_of_object(key: str) -> str:
-    digest = hashlib.sha256()
-    for chunk in client().get_object(Bucket=BUCKET, Key=key)["Body"].iter_chunks(8 * MiB):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 if __name__ == "__main__":

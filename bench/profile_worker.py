@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.peers import RESULTS, Discard, bench_env, write_random  # noqa: E402
+from bench.peers import RESULTS, Discard, bench_env, start, write_random  # noqa: E402
 from models.settings import parse_size  # noqa: E402
 from tests import services  # noqa: E402
 
@@ -40,10 +40,8 @@ def main() -> int:
     raw = work / "profile.txt"
     try:
         with Discard(work, port):
-            log = work / "worker.log"
-            worker = subprocess.Popen([str(services.BIN / "s3ferry"), "worker", "--pool=threads", "--concurrency=4",
-                                       "--loglevel=INFO"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-            services.wait_for(lambda: "ready." in log.read_text(errors="replace"), 60, "worker", log)
+            worker = start(work, env, [str(services.BIN / "s3ferry"), "worker", "--pool=threads", "--concurrency=4",
+                                       "--loglevel=INFO"], "worker")
             recorder = subprocess.Popen([spy, "record", "--pid", str(worker.pid), "--format", "raw", "--rate", "200",
                                          "--output", str(raw)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             subprocess.run([str(services.BIN / "s3ferry"), "upload", str(source), "s3://bench/profiled"], env=env,

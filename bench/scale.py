@@ -31,7 +31,7 @@ import sqlalchemy as sa
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.peers import RESULTS, Discard, bench_env  # noqa: E402
+from bench.peers import RESULTS, Discard, bench_env, start  # noqa: E402
 from models.settings import MiB  # noqa: E402
 from tests import services  # noqa: E402
 
@@ -146,14 +146,6 @@ def noop_chord(work: Path, env: dict[str, str], parts: int, concurrency: int) ->
         redis.Redis.from_url(noop_env["NOOP_BROKER"]).flushdb()
     return {"parts": parts, "wall_s": seconds, "publish_s": float(sent.stdout.strip()),
             "parts_per_s": parts / seconds}
-
-
-def start(work: Path, env: dict[str, str], argv: list[str], name: str) -> subprocess.Popen[bytes]:
-    path = work / f"{name}.log"
-    log = open(path, "wb")
-    process = subprocess.Popen(argv, env=env, stdout=log, stderr=log, cwd=work)
-    services.wait_for(lambda: "ready." in path.read_text(errors="replace"), 60, name, path)
-    return process
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

@@ -11,7 +11,6 @@ and its own buckets on a moto server it starts on a free port.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -24,7 +23,11 @@ import sqlalchemy as sa
 
 from models import migrate
 from models.db import Database
+from orchestrator.demo import sha256_of_object, write_random
 from tests import services
+
+#: The demo's helpers are the tests' too: write a random file, hash what S3 holds.
+__all__ = ["sha256_of_object", "write_random"]
 
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1",
            "AWS_DEFAULT_REGION": "us-east-1"}
@@ -172,20 +175,3 @@ def db(database_url: str) -> Iterator[Database]:
     yield database
     database.dispose()
 
-
-def write_random(path: Path, size: int) -> str:
-    """Write `size` random bytes to `path`; return their SHA-256."""
-    digest = hashlib.sha256()
-    with open(path, "wb") as out:
-        for offset in range(0, size, 1024 * 1024):
-            chunk = os.urandom(min(1024 * 1024, size - offset))
-            out.write(chunk)
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def sha256_of_object(s3, bucket: str, key: str) -> str:  # type: ignore[no-untyped-def]
-    digest = hashlib.sha256()
-    for chunk in s3.get_object(Bucket=bucket, Key=key)["Body"].iter_chunks(1024 * 1024):
-        digest.update(chunk)
-    return digest.hexdigest()

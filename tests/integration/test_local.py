@@ -6,6 +6,7 @@ and its own private Redis server, which the commands start and stop.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 
 from models.db import Database
-from models.settings import broker_socket
+from models.settings import broker_socket, local_urls
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload
 from tests.conftest import sha256_of_object, write_random
@@ -58,7 +59,20 @@ def _assert_nothing_left_running(home: Path) -> None:
 
 
 def state(home: Path) -> Database:
-    return Database(f"sqlite:///{home / 'state.db'}")
+    return Database(local_urls(str(home))["database_url"])
+
+
+@contextlib.contextmanager
+def in_background(args: list[str], env: dict[str, str], home: Path) -> Iterator[tuple[subprocess.Popen[str], Database]]:
+    """`s3ferry ARGS` running (its stderr readable), and the state file; killed and closed after."""
+    process = subprocess.Popen([S3FERRY, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    db = state(home)
+    try:
+        yield process, db
+    finally:
+        process.kill()
+        process.wait()
+        db.dispose()
 
 
 def uploads(home: Path) -> list[Upload]:
@@ -93,9 +107,7 @@ def test_sigkill_then_the_same_command_resumes_without_sending_done_parts_again(
     source = tmp_path / "big.bin"
     sha256 = write_random(source, 120 * MiB)
     args = ["upload", str(source), f"s3://{bucket}/big.bin", "--part-size", "5MiB", "--concurrency", "2"]
-    first = subprocess.Popen([S3FERRY, *args], env=local_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    db = state(home)
-    try:
+    with in_background(args, local_env, home) as (first, db):
         wait_until(lambda: _done(db) >= 6, timeout=120)
         first.kill()  # SIGKILL: no cleanup of any kind
         first.wait(10)
@@ -113,9 +125,6 @@ def test_sigkill_then_the_same_command_resumes_without_sending_done_parts_again(
         claims = claims_per_part(db, upload_id)
         assert len(claims) == 24 and all(claims[n] == 1 for n in done_before), claims  # done parts not sent again
         assert [u.status for u in uploads(home)] == [UploadStatus.COMPLETE]
-    finally:
-        first.kill()
-        db.dispose()
 
 
 def test_two_commands_at_once_share_the_folder(local_env, s3, bucket, home: Path,  # type: ignore[no-untyped-def]
@@ -137,11 +146,8 @@ def test_a_command_takes_over_from_one_killed_beside_it(local_env, s3, bucket, h
                                                         tmp_path: Path) -> None:
     big, small = tmp_path / "big.bin", tmp_path / "small.bin"
     digests = {"big": write_random(big, 300 * MiB), "small": write_random(small, 6 * MiB)}
-    first = subprocess.Popen([S3FERRY, "upload", str(big), f"s3://{bucket}/big.bin", "--part-size", "5MiB",
-                              "--concurrency", "1"], env=local_env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
-    db = state(home)
-    try:
+    with in_background(["upload", str(big), f"s3://{bucket}/big.bin", "--part-size", "5MiB", "--concurrency", "1"],
+                       local_env, home) as (first, db):
         wait_until(lambda: _done(db) >= 2, timeout=120)
         # one file at a time: the second waits, queued, behind the first
         second = subprocess.Popen([S3FERRY, "upload", str(small), f"s3://{bucket}/small.bin"], env=local_env,
@@ -157,9 +163,6 @@ def test_a_command_takes_over_from_one_killed_beside_it(local_env, s3, bucket, h
         assert [u.status for u in uploads(home)] == [UploadStatus.COMPLETE] * 2  # the big one first
         for name in digests:
             assert sha256_of_object(s3, bucket, f"{name}.bin") == digests[name]
-    finally:
-        first.kill()
-        db.dispose()
 
 
 def test_ctrl_c_stops_the_command_and_the_same_command_resumes(local_env, s3, bucket, home: Path,  # type: ignore[no-untyped-def]
@@ -167,10 +170,7 @@ def test_ctrl_c_stops_the_command_and_the_same_command_resumes(local_env, s3, bu
     source = tmp_path / "f.bin"
     sha256 = write_random(source, 60 * MiB)
     args = ["upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB", "--concurrency", "1"]
-    first = subprocess.Popen([S3FERRY, *args], env=local_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                             text=True)
-    db = state(home)
-    try:
+    with in_background(args, local_env, home) as (first, db):
         wait_until(lambda: _done(db) >= 2, timeout=120)
         first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=60)
@@ -193,19 +193,14 @@ def test_ctrl_c_stops_the_command_and_the_same_command_resumes(local_env, s3, bu
         assert again.returncode == 0, again.stderr
         assert f"resuming upload {stopped.id}" in again.stderr
         assert sha256_of_object(s3, bucket, "f.bin") == sha256
-    finally:
-        first.kill()
-        db.dispose()
 
 
 def test_a_command_with_other_aws_settings_is_refused_beside_a_running_one(  # type: ignore[no-untyped-def]
         local_env, s3, bucket, home: Path, tmp_path: Path) -> None:
     source = tmp_path / "f.bin"
     write_random(source, 60 * MiB)
-    first = subprocess.Popen([S3FERRY, "upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB",
-                              "--concurrency", "1"], env=local_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    db = state(home)
-    try:
+    with in_background(["upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB", "--concurrency", "1"],
+                       local_env, home) as (first, db):
         wait_until(lambda: _done(db) >= 1, timeout=120)
 
         run = run_cli(["upload", str(source), f"s3://{bucket}/g.bin"], dict(local_env, AWS_ACCESS_KEY_ID="someone-else"))
@@ -215,20 +210,14 @@ def test_a_command_with_other_aws_settings_is_refused_beside_a_running_one(  # t
                                      "with other AWS settings") and run.stderr.count("\n") == 1
         assert first.wait(120) == 0
         assert len(uploads(home)) == 1
-    finally:
-        first.kill()
-        db.dispose()
 
 
 def test_the_command_starts_its_redis_again_if_it_dies(local_env, s3, bucket, home: Path,  # type: ignore[no-untyped-def]
                                                         tmp_path: Path) -> None:
     source = tmp_path / "f.bin"
     sha256 = write_random(source, 60 * MiB)
-    command = subprocess.Popen([S3FERRY, "upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB",
-                                "--concurrency", "1"], env=local_env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
-    db = state(home)
-    try:
+    with in_background(["upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB", "--concurrency", "1"],
+                       local_env, home) as (command, db):
         wait_until(lambda: _done(db) >= 2, timeout=120)
         os.kill(int((home / "broker" / "redis.pid").read_text()), signal.SIGKILL)
 
@@ -237,9 +226,6 @@ def test_the_command_starts_its_redis_again_if_it_dies(local_env, s3, bucket, ho
         assert command.returncode == 0, err
         assert "the local Redis server was gone: started it again" in err
         assert sha256_of_object(s3, bucket, "f.bin") == sha256
-    finally:
-        command.kill()
-        db.dispose()
 
 
 def test_an_unwritable_data_folder_is_a_one_line_error(local_env, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
