@@ -67,6 +67,23 @@ class Settings:
     #: Backoff of part retries: base and cap, in seconds (full jitter).
     retry_backoff_base: float = 1.0
     retry_backoff_max: float = 120.0
+    #: The AIMD window of parts in flight to one destination (endpoint + bucket), shared by the
+    #: fleet through Redis (workers/window.py): where it starts, and its bounds. A part that
+    #: lands within window_target_seconds (for 32 MiB; scaled to larger parts) adds 1; SlowDown,
+    #: throttling, timeouts and connection errors halve it. MIN = MAX fixes it.
+    window_initial: int = 1
+    window_min: int = 1
+    window_max: int = 32
+    window_target_seconds: float = 30.0
+    #: A part's slot in the window is a lease renewed while it is sent: a dead worker's
+    #: slot frees after this long.
+    window_lease_seconds: float = 30.0
+    #: How long a part task waits for a slot before it steps aside (requeued, no retry counted).
+    window_wait_seconds: float = 60.0
+    #: Presigned mode: part workers hold no S3 credentials; `s3ferry signer` (which does) signs
+    #: each part's UploadPart URL when asked, valid for presign_expiry_seconds.
+    presigned: bool = False
+    presign_expiry_seconds: int = 300
     #: Single-machine mode's data folder (SQLite state, the private Redis server, logs).
     #: Default: the user's data folder, e.g. ~/.local/share/s3ferry.
     home: str = ""
@@ -82,6 +99,14 @@ class Settings:
                 f"S3FERRY_STALL_SECONDS ({self.stall_seconds}) must be longer than S3FERRY_LEASE_SECONDS "
                 f"({self.lease_seconds}) and S3FERRY_RETRY_BACKOFF_MAX ({self.retry_backoff_max}): "
                 "otherwise healthy uploads look stalled")
+
+        if not 1 <= self.window_min <= self.window_initial <= self.window_max:
+            raise ValueError(
+                f"the window settings must satisfy 1 <= S3FERRY_WINDOW_MIN ({self.window_min}) <= "
+                f"S3FERRY_WINDOW_INITIAL ({self.window_initial}) <= S3FERRY_WINDOW_MAX ({self.window_max})")
+        for name in ("window_target_seconds", "window_lease_seconds", "presign_expiry_seconds"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"S3FERRY_{name.upper()} ({getattr(self, name)}) must be positive")
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={mask_password(str(getattr(self, f.name)))!r}" if f.name.endswith(("_url", "backend"))
@@ -100,6 +125,9 @@ class Settings:
         values["home"] = os.path.realpath(os.path.expanduser(str(values.get("home") or default_home())))
         given = [name for name in ("database_url", "broker_url") if name in values]
         if not given:
+            if values.get("presigned"):
+                raise ValueError("S3FERRY_PRESIGNED needs a fleet (S3FERRY_DATABASE_URL and S3FERRY_BROKER_URL): "
+                                 "on one machine the workers use this machine's credentials")
             values.update(local_urls(str(values["home"])), local=True)
         elif len(given) == 1:
             missing = "broker_url" if given == ["database_url"] else "database_url"
@@ -151,6 +179,11 @@ def mask_password(url: str) -> str:
 def _parse(name: str, raw: str, kind: type) -> object:
     if kind is str:
         return raw
+    if kind is bool:
+        lowered = raw.strip().lower()
+        if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            raise ValueError(f"S3FERRY_{name.upper()}={raw!r} is not a valid boolean (use 1 or 0)")
+        return lowered in ("1", "true", "yes", "on")
     if name == "part_size":
         return parse_size(raw)
     try:

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import tempfile
 import time
@@ -140,6 +141,14 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--pool", "-P", choices=("prefork", "threads", "solo"), default="prefork",
                         help="Celery pool: processes (default) or threads")
     worker.set_defaults(run=_worker)
+
+    signer = commands.add_parser("signer", help="presigned mode: sign part URLs for workers without S3 "
+                                 "credentials, and run the control queue (completion, reconciler, sweeper)")
+    signer.add_argument("--threads", type=_positive, default=4, help="signing threads (default 4)")
+    signer.add_argument("--concurrency", "-c", type=_positive, default=4,
+                        help="control tasks run in parallel (default 4)")
+    signer.add_argument("--loglevel", "-l", default="INFO")
+    signer.set_defaults(run=_signer)
 
     flower = commands.add_parser("flower", help="Flower, the Celery dashboard, behind basic auth "
                                  "(S3FERRY_FLOWER_BASIC_AUTH=user:password)")
@@ -414,7 +423,8 @@ def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25, home: local
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
-    snap = progress.snapshot(Database(settings.database_url), args.upload_id)
+    snap = progress.snapshot(Database(settings.database_url), args.upload_id,
+                             window_of=lambda endpoint, bucket: _window_state(settings, endpoint, bucket))
     if args.json:
         print(json.dumps(snap.as_dict(), indent=2))
         return 0
@@ -422,6 +432,27 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     for key, value in snap.as_dict().items():
         print(f"{key:<{width}}  {'' if value is None else value}")
     return 0
+
+
+def _window_state(settings: Settings, endpoint: str | None, bucket: str) -> str | None:
+    """'4 (2 in flight; halved 12s ago: SlowDown: ...)' for the destination, or None if unknown."""
+    from workers import window
+
+    url = window.redis_url(settings.result_backend, settings.broker_url)
+    client = window.client_from_url(url, timeout=2.0) if url else None
+    if client is None:
+        return None
+    try:
+        state = window.Window(client, endpoint, bucket, window.Limits()).state()
+    except Exception as error:  # noqa: BLE001 - status works without Redis
+        # on one machine, no command running means no private Redis, and no window to show
+        return None if settings.local else f"unknown (Redis: {error})"
+    finally:
+        client.close()
+    if state is None:
+        return None
+    since = f"; {state.reason}, {max(0, int(time.time() - state.changed_at))}s ago" if state.changed_at else ""
+    return f"{state.window} ({state.in_flight} in flight{since})"
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> int:
@@ -436,8 +467,11 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from workers.app import control_queue
 
+    # In presigned mode a worker holds no credentials: the control queue (completion,
+    # reconciler, sweeper, scheduler) is `s3ferry signer`'s.
+    queues = settings.queue if settings.presigned else f"{settings.queue},{control_queue(settings.queue)}"
     argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}", f"--pool={args.pool}",
-            f"--queues={settings.queue},{control_queue(settings.queue)}"]
+            f"--queues={queues}"]
     if args.hostname:
         argv.append(f"--hostname={args.hostname}")
     app.worker_main(argv)
@@ -446,6 +480,24 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 #: user:password, or several separated by commas (Flower's own format)
 FLOWER_AUTH = re.compile(r"[^:,\s]+:[^,\s]+(,[^:,\s]+:[^,\s]+)*")
+
+
+def _signer(args: argparse.Namespace, settings: Settings) -> int:
+    _refuse_local(settings, "signer")
+    from workers import signer, window
+    from workers.app import app, control_queue
+
+    url = window.redis_url(settings.result_backend, settings.broker_url)
+    if url is None:
+        raise UserError("s3ferry signer answers workers through Redis: S3FERRY_RESULT_BACKEND or "
+                        "S3FERRY_BROKER_URL must be a redis:// URL")
+    service = signer.Signer(settings, window.client_from_url(url), Database(settings.database_url))
+    service.start(args.threads)
+    os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
+    app.worker_main(["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}", "--pool=threads",
+                     f"--queues={control_queue(settings.queue)}", f"--hostname=signer@{socket.gethostname()}"])
+    service.stop.set()
+    return 0
 
 
 def _flower(args: argparse.Namespace, settings: Settings) -> int:

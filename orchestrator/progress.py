@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import uuid
+from collections.abc import Callable
 
 from models import queries
 from models.db import Database
@@ -39,6 +40,8 @@ class Snapshot:
     #: seconds left at that rate (None: no recent completion)
     rate: float
     eta_seconds: float | None
+    #: the AIMD window of the destination: size, parts in flight to it, last change (None: none yet)
+    window: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -51,7 +54,9 @@ class Snapshot:
 RATE_WINDOW = dt.timedelta(seconds=30)
 
 
-def snapshot(db: Database, upload_id: uuid.UUID) -> Snapshot:
+def snapshot(db: Database, upload_id: uuid.UUID,
+             window_of: Callable[[str | None, str], str | None] | None = None) -> Snapshot:
+    """The upload's progress; `window_of(endpoint, bucket)` describes its destination's window."""
     with db.transaction() as session:
         upload = queries.get_upload(session, upload_id)
         counts = queries.part_counts(session, upload_id)
@@ -74,6 +79,7 @@ def snapshot(db: Database, upload_id: uuid.UUID) -> Snapshot:
         created_at=_iso(upload.created_at), started_at=_iso(upload.started_at),
         finished_at=_iso(upload.finished_at), priority=upload.priority, rate=rate,
         eta_seconds=remaining / rate if rate > 0 and upload.status == UploadStatus.IN_PROGRESS else None,
+        window=window_of(upload.endpoint_url, upload.bucket) if window_of else None,
     )
 
 

@@ -49,6 +49,7 @@ class Faults:
     reset_share: float = 0.0  # share of uploads whose connection is reset half-way through the body
     bytes_per_second: float | None = None  # cap on request bodies, all connections together
     check_expiry: bool = True  # 403 for presigned URLs past their expiry
+    expire_share: float = 0.0  # share of presigned requests answered 403 expired anyway (a URL that waited too long)
     only_methods: tuple[str, ...] = ("PUT",)  # which requests the shares and the cap apply to
 
 
@@ -61,6 +62,7 @@ class Counts:
     errors: int = 0
     resets: int = 0
     expired: int = 0
+    body_bytes: int = 0  # request body bytes received (forwarded, discarded or cut off)
 
 
 class FaultProxy:
@@ -112,9 +114,9 @@ class FaultProxy:
         with self.lock:
             return share > 0 and self.random.random() < share
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, by: int = 1) -> None:
         with self.lock:
-            setattr(self.counts, name, getattr(self.counts, name) + 1)
+            setattr(self.counts, name, getattr(self.counts, name) + by)
 
     def _throttle(self, size: int) -> None:
         """Token bucket shared by all connections: each chunk waits for its turn."""
@@ -148,6 +150,18 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *_: object) -> None:
         pass
 
+    def handle_expect_100(self) -> bool:
+        """Answer `Expect: 100-continue` later, as S3 does: a refusal (SlowDown, expired) comes
+        before the client sends the body, so it costs no bytes; 100 Continue only when forwarding."""
+        self._continue_pending = True
+        return True
+
+    def _continue(self) -> None:
+        if getattr(self, "_continue_pending", False):
+            self._continue_pending = False
+            self.send_response_only(100)
+            self.end_headers()
+
     def _handle(self) -> None:
         proxy = self.owner
         faults = proxy.faults
@@ -159,6 +173,9 @@ class _Handler(BaseHTTPRequestHandler):
             if faults.latency:
                 time.sleep(faults.latency)
             if faults.check_expiry and expired(query):
+                proxy._count("expired")
+                return self._refuse(403, EXPIRED, length)
+            if applies and "X-Amz-Signature" in query and proxy._roll(faults.expire_share):
                 proxy._count("expired")
                 return self._refuse(403, EXPIRED, length)
             if applies and faults.slowdown_above is not None and in_flight > faults.slowdown_above:
@@ -178,7 +195,11 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle  # noqa: N815
 
     def _refuse(self, status: int, body: bytes, length: int) -> None:
-        self._discard(length)
+        if getattr(self, "_continue_pending", False):
+            self._continue_pending = False  # the client waits: it never sends the body
+            self.close_connection = True
+        else:
+            self._discard(length)
         self.send_response(status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
@@ -192,6 +213,7 @@ class _Handler(BaseHTTPRequestHandler):
             if not chunk:
                 break
             length -= len(chunk)
+            self.owner._count("body_bytes", len(chunk))
 
     def _forward(self, length: int, reset_at: int | None, capped: bool) -> None:
         proxy = self.owner
@@ -201,11 +223,13 @@ class _Handler(BaseHTTPRequestHandler):
             for name, value in self.headers.items():
                 upstream.putheader(name, value)
             upstream.endheaders()
+            self._continue()
             sent = 0
             while sent < length:
                 chunk = self.rfile.read(min(CHUNK, length - sent))
                 if not chunk:
                     break
+                proxy._count("body_bytes", len(chunk))
                 if reset_at is not None and sent + len(chunk) > reset_at:
                     proxy._count("resets")
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

@@ -39,7 +39,8 @@ def control_queue(queue: str) -> str:
 
 
 def control_routes(queue: str) -> dict[str, dict[str, str]]:
-    return {name: {"queue": control_queue(queue)} for name in ("s3ferry.schedule", "s3ferry.reconcile", "s3ferry.sweep")}
+    return {name: {"queue": control_queue(queue)}
+            for name in ("s3ferry.schedule", "s3ferry.reconcile", "s3ferry.sweep", "s3ferry.complete_upload")}
 
 
 def make_app(settings: Settings) -> Celery:
@@ -49,8 +50,9 @@ def make_app(settings: Settings) -> Celery:
                  include=["workers.tasks"])
     app.conf.update(
         task_default_queue=settings.queue,
-        # The scheduler, reconciler and sweeper go to a queue of their own, so that they
-        # never wait behind thousands of part messages (`s3ferry worker` consumes both).
+        # The scheduler, reconciler, sweeper and completions go to a queue of their own, so
+        # that they never wait behind thousands of part messages (`s3ferry worker` consumes
+        # both; in presigned mode, only `s3ferry signer`, which holds the credentials, runs it).
         task_routes=control_routes(settings.queue),
         # Messages carry ids only: JSON, never pickle.
         task_serializer="json",

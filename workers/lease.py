@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from types import TracebackType
 
 from models import transitions
@@ -22,8 +23,9 @@ class LeaseKeeper:
     outage only delays renewals: the lease is long enough to ride out short ones.
     """
 
-    def __init__(self, rt: Runtime, upload_id: uuid.UUID, number: int) -> None:
-        self.rt, self.upload_id, self.number = rt, upload_id, number
+    def __init__(self, rt: Runtime, upload_id: uuid.UUID, number: int,
+                 also: Callable[[], object] | None = None) -> None:
+        self.rt, self.upload_id, self.number, self.also = rt, upload_id, number, also
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{number}", daemon=True)
@@ -39,7 +41,14 @@ class LeaseKeeper:
 
     def _run(self) -> None:
         seconds = self.rt.settings.lease_seconds
-        while not self._stop.wait(seconds / 3):
+        period = min(seconds, self.rt.settings.window_lease_seconds if self.also else seconds) / 3
+        while not self._stop.wait(period):
+            if self.also is not None:
+                try:
+                    self.also()  # the window slot's lease
+                except Exception as error:  # noqa: BLE001 - Redis blips; the slot lease is only a bound
+                    log.warning("could not renew the window slot (%s)", error,
+                                extra={"upload_id": str(self.upload_id), "part": self.number})
             try:
                 with self.rt.db.transaction() as session:
                     held = transitions.renew_lease(session, self.upload_id, self.number, self.rt.worker_id, seconds)

@@ -8,17 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
+import time
 import uuid
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from models import transitions
 from models.exceptions import InvalidTransition, S3FerryError
 from models.tables import Part, Upload
 from orchestrator import scheduler
-from workers import reader, retry, s3
+from workers import reader, retry, s3, signer
 from workers.lease import LeaseKeeper
 from workers.runtime import Runtime
+from workers.window import Signal, Slot, Window
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +56,44 @@ class PartResult:
 def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
     """Upload part `number` of `upload_id` unless it is done, held by another worker, or moot.
 
+    The part first takes a slot in its destination's AIMD window (workers/window.py),
+    waiting for one if the window is full; how it ends moves the window.
     Database errors propagate (the task retries them without counting: Postgres
     may be restarting); S3 and source errors are handled here.
     """
+    try:
+        shared = rt.window_for(upload_id)
+        slot = None
+        if shared is not None:
+            slot = shared.acquire(f"{rt.worker_id}:{upload_id}:{number}", rt.settings.window_wait_seconds)
+    except redis.RedisError as error:
+        raise RetryLater(f"the window's Redis is unavailable ({error})", None) from error
+    if shared is None or slot is None:
+        if shared is not None:  # still full: step aside (requeued; no retry counted), let other work run
+            raise RetryLater(f"part {number}: no slot free in the window of {shared.name}", 0.5 + random.random())
+        return _send(rt, upload_id, number, None)
+    outcome = _Outcome(shared, slot)
+    try:
+        return _send(rt, upload_id, number, outcome)
+    finally:
+        try:
+            shared.release(slot, outcome.signal, outcome.reason)
+        except redis.RedisError as error:  # its lease frees it
+            log.warning("could not release the window slot (%s); its lease frees it", error,
+                        extra={"upload_id": str(upload_id), "part": number})
+
+
+@dataclasses.dataclass
+class _Outcome:
+    """What the part's send says about the link, for the window."""
+
+    window: Window
+    slot: Slot
+    signal: Signal = Signal.NONE
+    reason: str = "part not sent"
+
+
+def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | None) -> PartResult:
     context = {"upload_id": str(upload_id), "part": number}
     with rt.db.transaction() as session:
         claim = transitions.claim_part(session, upload_id, number, rt.worker_id, rt.settings.lease_seconds)
@@ -68,19 +107,28 @@ def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
     if claim.outcome is transitions.ClaimOutcome.HELD:
         raise RetryLater(f"part {number} is held by {part.worker}", min(30.0, rt.settings.lease_seconds / 2))
 
+    renew_slot = (lambda: outcome.window.renew(outcome.slot)) if outcome is not None else None
+    started = time.monotonic()
     try:
-        with LeaseKeeper(rt, upload_id, number) as lease:
+        with LeaseKeeper(rt, upload_id, number, also=renew_slot) as lease:
             etag, checksum = transfer(rt, upload, part)
     except SoftTimeLimitExceeded:
         _retry_or_fail(rt, upload, part, "the part ran past the task's soft time limit")
-    except s3.UnreachableS3Error as error:
-        _wait_for_s3(rt, upload, part, str(error))
-    except s3.TransientS3Error as error:
-        _retry_or_fail(rt, upload, part, str(error))
-    except (reader.SourceChanged, s3.PermanentS3Error) as error:
+    except s3.S3Error as error:
+        if outcome is not None and error.congestion:
+            outcome.signal, outcome.reason = Signal.SHRINK, str(error)
+        if isinstance(error, s3.UnreachableS3Error):
+            _wait_for_s3(rt, upload, part, str(error))
+        elif isinstance(error, s3.TransientS3Error):
+            _retry_or_fail(rt, upload, part, str(error))
+        _fail(rt, upload, part, str(error))
+    except reader.SourceChanged as error:
         _fail(rt, upload, part, str(error))
     except OSError as error:  # reading the source failed (I/O error, file shrank, ...)
         _fail(rt, upload, part, f"reading the source failed: {error}")
+    elapsed = time.monotonic() - started
+    if outcome is not None and elapsed <= outcome.window.limits.target_for(part.size):
+        outcome.signal, outcome.reason = Signal.GROW, f"part landed in {elapsed:.1f}s"
 
     if lease.lost:
         raise RetryLater(f"part {number}: claim lost while sending; not recorded", 1.0)
@@ -93,31 +141,65 @@ def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
     return PartResult(number, etag, checksum)
 
 
+#: How many fresh URLs one attempt asks for when S3 refuses them (expired, denied) before
+#: it counts a failure: a URL that is refused as soon as it is signed is not an expiry.
+RESIGNS = 3
+
+
 def transfer(rt: Runtime, upload: Upload, part: Part) -> tuple[str, str]:
     """Stream the part's byte range to S3 with its CRC32C; returns (ETag, checksum)."""
     path = reader.path_from_uri(upload.source_uri)
     fingerprint = (upload.source_size, upload.source_mtime_ns, upload.source_inode)
     reader.check_unchanged(path, *fingerprint)
-    client = rt.s3(upload.endpoint_url)
     with reader.RangeReader(path, part.offset, part.size) as body:
         checksum = reader.crc32c_of(body)
-        args = {"Bucket": upload.bucket, "Key": upload.key, "Body": body, "ContentLength": part.size,
-                "ChecksumCRC32C": checksum}
-        try:
-            if upload.s3_upload_id is None:
-                response = client.put_object(**args)
-            else:
-                response = client.upload_part(UploadId=upload.s3_upload_id, PartNumber=part.part_number, **args)
-        except SoftTimeLimitExceeded:
-            raise
-        except Exception as error:
-            raise s3.classify(error) from error
+        if rt.settings.presigned:
+            response = _put_presigned(rt, upload, part, body, checksum)
+        else:
+            response = _put_with_credentials(rt, upload, part, body, checksum)
     # A file rewritten while it was read is never stitched into the object.
     reader.check_unchanged(path, *fingerprint)
     returned = response.get("ChecksumCRC32C")
     if returned and returned != checksum:
         raise s3.TransientS3Error(f"S3 computed CRC32C {returned}, we sent {checksum}")
     return response["ETag"], checksum
+
+
+def _put_with_credentials(rt: Runtime, upload: Upload, part: Part, body: reader.RangeReader,
+                          checksum: str) -> dict[str, str]:
+    client = rt.s3(upload.endpoint_url)
+    args = {"Bucket": upload.bucket, "Key": upload.key, "Body": body, "ContentLength": part.size,
+            "ChecksumCRC32C": checksum}
+    try:
+        if upload.s3_upload_id is None:
+            return client.put_object(**args)
+        return client.upload_part(UploadId=upload.s3_upload_id, PartNumber=part.part_number, **args)
+    except SoftTimeLimitExceeded:
+        raise
+    except Exception as error:
+        raise s3.classify(error) from error
+
+
+def _put_presigned(rt: Runtime, upload: Upload, part: Part, body: reader.RangeReader,
+                   checksum: str) -> dict[str, str]:
+    """Send through URLs from the signer; a URL refused as expired is replaced, uncounted."""
+    client = rt.redis
+    if client is None:
+        raise s3.PermanentS3Error("presigned mode needs Redis (the signer answers through it)")
+    for resign in range(RESIGNS + 1):
+        try:
+            url = signer.request(client, rt.settings.queue, upload.id, part.part_number, checksum)
+        except redis.RedisError as error:
+            raise s3.UnreachableS3Error(f"could not reach the signer through Redis: {error}") from None
+        body.seek(0)
+        try:
+            return signer.put(url, body, part.size)
+        except signer.Expired as refused:
+            if resign == RESIGNS:
+                raise s3.PermanentS3Error(f"{refused} (refused {RESIGNS + 1} fresh presigned URLs)") from None
+            log.info("presigned URL refused (%s); asking for a new one", refused,
+                     extra={"upload_id": str(upload.id), "part": part.part_number})
+    raise AssertionError("unreachable")
 
 
 def _retry_or_fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:

@@ -8,16 +8,23 @@ builds its own.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 import socket
 import threading
+import uuid
 
+from redis import Redis
 from botocore.client import BaseClient
 
 from models.db import Database
+from models.exceptions import S3FerryError
 from models.settings import Settings
-from workers import s3
+from models.tables import Upload
+from workers import s3, window
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -27,6 +34,9 @@ class Runtime:
     pid: int = dataclasses.field(default_factory=os.getpid)
     _clients: dict[str | None, BaseClient] = dataclasses.field(default_factory=dict)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    _windows: dict[tuple[str | None, str], window.Window] = dataclasses.field(default_factory=dict)
+    _destinations: dict[uuid.UUID, tuple[str | None, str]] = dataclasses.field(default_factory=dict)
+    _redis: Redis | None = None
 
     @property
     def worker_id(self) -> str:
@@ -41,8 +51,45 @@ class Runtime:
                 client = self._clients[endpoint_url] = s3.make_client(endpoint_url, retries=1)
             return client
 
+    @property
+    def redis(self) -> Redis | None:
+        """The Redis that holds the AIMD windows (and the signing queue): the result backend's,
+        else the broker's; None when neither is Redis."""
+        with self._lock:
+            if self._redis is None:
+                url = window.redis_url(self.settings.result_backend, self.settings.broker_url)
+                self._redis = window.client_from_url(url) if url else None
+            return self._redis
+
+    def window_for(self, upload_id: uuid.UUID) -> window.Window | None:
+        """The AIMD window of the upload's destination (None without Redis: no shared window)."""
+        client = self.redis
+        if client is None:
+            return None
+        with self._lock:
+            destination = self._destinations.get(upload_id)
+        if destination is None:
+            with self.db.transaction() as session:
+                upload = session.get(Upload, upload_id)
+                if upload is None:
+                    raise S3FerryError(f"no upload with id {upload_id}")
+                destination = (upload.endpoint_url, upload.bucket)
+        with self._lock:
+            if len(self._destinations) > 10_000:
+                self._destinations.clear()
+            self._destinations[upload_id] = destination
+            found = self._windows.get(destination)
+            if found is None:
+                s = self.settings
+                limits = window.Limits(s.window_initial, s.window_min, s.window_max, s.window_target_seconds,
+                                       s.window_lease_seconds)
+                found = self._windows[destination] = window.Window(client, *destination, limits)
+            return found
+
     def close(self) -> None:
         self.db.dispose()
+        if self._redis is not None:
+            self._redis.close()
 
 
 #: Made once per worker node, before the pool forks, so every pool process shares it:

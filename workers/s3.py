@@ -37,8 +37,20 @@ TRANSIENT_EXCEPTIONS = (
 )
 
 
+#: Codes that say "too many requests": the AIMD window halves (workers/window.py).
+THROTTLE_CODES = frozenset({
+    "SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests",
+    "ServiceUnavailable", "RequestTimeout",
+})
+
+
 class S3Error(S3FerryError):
     """S3 refused the request."""
+
+    def __init__(self, message: str, congestion: bool = False) -> None:
+        super().__init__(message)
+        #: throttled, timed out or cut off: the link is loaded, fewer parts should be in flight
+        self.congestion = congestion
 
 
 class TransientS3Error(S3Error):
@@ -73,16 +85,16 @@ def describe(error: BaseException) -> str:
 def classify(error: BaseException) -> S3Error:
     """Map a botocore error to TransientS3Error or PermanentS3Error."""
     if isinstance(error, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
-        return UnreachableS3Error(describe(error))
+        return UnreachableS3Error(describe(error), congestion=True)
     if isinstance(error, TRANSIENT_EXCEPTIONS):
-        return TransientS3Error(describe(error))
+        return TransientS3Error(describe(error), congestion=True)
     if isinstance(error, botocore.exceptions.ClientError):
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
         code = error_code(error)
         if code in PERMANENT_CODES:
             return PermanentS3Error(describe(error))
         if code in TRANSIENT_CODES or status >= 500 or status == 429:
-            return TransientS3Error(describe(error))
+            return TransientS3Error(describe(error), congestion=code in THROTTLE_CODES or status in (429, 503))
         return PermanentS3Error(describe(error))
     if isinstance(error, botocore.exceptions.NoCredentialsError):
         return PermanentS3Error("no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")

@@ -115,3 +115,17 @@ def test_expired_presigned_urls_are_refused(proxy: FaultProxy, bucket: str) -> N
     assert put(short) == 403 and proxy.counts.expired == 1
     fresh = s3.generate_presigned_url("put_object", Params={"Bucket": bucket, "Key": "k"}, ExpiresIn=60)
     assert put(fresh) == 200
+
+
+def test_a_refusal_comes_before_the_body_when_the_client_waits_for_100_continue(proxy: FaultProxy,
+                                                                                  bucket: str) -> None:
+    s3 = client(proxy)
+    upload = s3.create_multipart_upload(Bucket=bucket, Key="k")["UploadId"]
+    body = os.urandom(5 * MiB)
+    proxy.configure(slowdown_share=1.0)
+    assert code(lambda: s3.upload_part(Bucket=bucket, Key="k", UploadId=upload, PartNumber=1, Body=body)) == "SlowDown"
+    assert proxy.counts.slowdowns == 1 and proxy.counts.body_bytes == 0  # botocore sent Expect: 100-continue
+    proxy.configure(slowdown_share=0.0)
+    s3.upload_part(Bucket=bucket, Key="k", UploadId=upload, PartNumber=1, Body=body)
+    assert proxy.counts.body_bytes == len(body)
+    s3.abort_multipart_upload(Bucket=bucket, Key="k", UploadId=upload)

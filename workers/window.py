@@ -1,0 +1,243 @@
+"""The AIMD window: how many parts may be in flight to one destination, across the whole fleet.
+
+One window per destination (endpoint + bucket) lives in Redis, so every worker of the
+fleet shares it:
+
+- it starts at S3FERRY_WINDOW_INITIAL and stays within [S3FERRY_WINDOW_MIN, S3FERRY_WINDOW_MAX];
+- a part that lands within the target time adds 1 until the first sign of congestion,
+  then 1/window (so 1 per round of a full window: additive increase, as TCP's congestion
+  avoidance after slow start). It only grows while the window is full: parts held back
+  by the number of workers say nothing about the link;
+- a part refused with SlowDown / throttling, or lost to a timeout or a connection error,
+  halves it (multiplicative decrease) and remembers the halved size as the threshold
+  past which growth is additive; once per round: parts sent before the last halving do
+  not halve it again;
+- a part holds a slot while it is sent: a Redis lease that its worker renews and that
+  expires when the worker dies, so a dead worker's slot comes back by itself.
+
+Every change is an atomic Lua script on Redis (which also gives the clock), so workers
+never race. Waiting for a slot blocks on a Redis list that each release pushes to: no
+spinning, and no retry counted. Keys are named after a digest of the destination.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import logging
+import time
+import urllib.parse
+
+import redis
+
+log = logging.getLogger(__name__)
+
+KEY = "s3ferry:window:{}"
+#: Keys of idle destinations go after a week.
+TTL_SECONDS = 7 * 24 * 3600
+
+_ACQUIRE = """
+local now_t = redis.call('TIME')
+local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+local token, initial, low, high, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+local w = tonumber(redis.call('HGET', KEYS[1], 'window'))
+if not w then
+  w = initial
+  redis.call('HSET', KEYS[1], 'window', w, 'epoch', 0, 'threshold', high, 'endpoint', ARGV[6], 'bucket', ARGV[7],
+             'changed_ms', now, 'reason', 'start')
+end
+local clamped = math.max(low, math.min(high, w))
+if clamped ~= w then
+  w = clamped
+  redis.call('HSET', KEYS[1], 'window', w, 'changed_ms', now, 'reason', 'limits')
+end
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+local used = redis.call('ZCARD', KEYS[2])
+local granted = 0
+if redis.call('ZSCORE', KEYS[2], token) or used < math.floor(w) then
+  if not redis.call('ZSCORE', KEYS[2], token) then used = used + 1 end
+  redis.call('ZADD', KEYS[2], now + lease, token)
+  granted = 1
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[8]); redis.call('PEXPIRE', KEYS[2], ARGV[8])
+return {granted, epoch, used, math.floor(w)}
+"""
+
+_RENEW = """
+local now_t = redis.call('TIME')
+local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+return redis.call('ZADD', KEYS[2], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
+"""
+
+_RELEASE = """
+local now_t = redis.call('TIME')
+local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+local token, signal, epoch_then, low, high = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local held = redis.call('ZREM', KEYS[2], token)
+local w = tonumber(redis.call('HGET', KEYS[1], 'window')) or low
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch')) or 0
+local threshold = tonumber(redis.call('HGET', KEYS[1], 'threshold')) or high
+local used = redis.call('ZCARD', KEYS[2])
+local new = w
+if signal == 'grow' and held == 1 and used + 1 >= math.floor(w) then
+  if w < threshold then new = w + 1 else new = w + 1 / math.floor(w) end
+  new = math.min(high, new)
+elseif signal == 'shrink' and epoch_then == epoch then
+  new = math.max(low, math.floor(w / 2))
+  redis.call('HSET', KEYS[1], 'epoch', epoch + 1, 'threshold', new)
+end
+if new ~= w then
+  redis.call('HSET', KEYS[1], 'window', tostring(new))
+  if math.floor(new) ~= math.floor(w) then
+    redis.call('HSET', KEYS[1], 'changed_ms', now, 'reason', ARGV[6])
+  end
+end
+local free = math.floor(new) - used
+if free > 0 then
+  for i = 1, free do redis.call('LPUSH', KEYS[3], 1) end
+  redis.call('LTRIM', KEYS[3], 0, high - 1)
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
+end
+return {held, math.floor(w), math.floor(new), used}
+"""
+
+
+class Signal(enum.Enum):
+    """What a finished part says about the link."""
+
+    GROW = "grow"  # landed within the target time
+    SHRINK = "shrink"  # throttled (SlowDown, 503, 429), timed out, or the connection failed
+    NONE = "none"  # nothing either way (another error, a slow part, a part not sent)
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    initial: int = 1
+    low: int = 1
+    high: int = 32
+    #: A part of 32 MiB that lands within this grows the window (scaled to larger parts).
+    target_seconds: float = 30.0
+    #: A slot's lease: renewed while its part is sent; a dead worker's slot frees after this.
+    lease_seconds: float = 30.0
+
+    # (validated with the rest of the settings, in models/settings.py)
+
+    def target_for(self, size: int) -> float:
+        return self.target_seconds * max(1.0, size / (32 * 1024 * 1024))
+
+
+@dataclasses.dataclass(frozen=True)
+class Slot:
+    """A granted slot: its token, and the window's epoch when it was granted."""
+
+    token: str
+    epoch: int
+    acquired: float  # time.monotonic()
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    window: int
+    in_flight: int
+    reason: str
+    changed_at: float | None  # Unix time
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def destination_name(endpoint_url: str | None, bucket: str) -> str:
+    """'endpoint/bucket', as logged and shown: the endpoint without credentials, path or query."""
+    if not endpoint_url:
+        return f"s3://{bucket}"
+    parts = urllib.parse.urlsplit(endpoint_url)
+    host = parts.hostname or ""
+    return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}/{bucket}"
+
+
+class Window:
+    """The shared window of one destination."""
+
+    def __init__(self, client: redis.Redis, endpoint_url: str | None, bucket: str, limits: Limits) -> None:
+        self.client, self.limits = client, limits
+        self.name = destination_name(endpoint_url, bucket)
+        base = KEY.format(hashlib.sha256(self.name.encode()).hexdigest()[:24])
+        self.keys = (base, base + ":slots", base + ":freed")
+        self.endpoint, self.bucket = endpoint_url or "", bucket
+        self._acquire = client.register_script(_ACQUIRE)
+        self._renew = client.register_script(_RENEW)
+        self._release = client.register_script(_RELEASE)
+
+    def try_acquire(self, token: str) -> Slot | None:
+        lim = self.limits
+        granted, epoch, _used, _w = self._acquire(
+            keys=self.keys[:2],
+            args=[token, lim.initial, lim.low, lim.high, int(lim.lease_seconds * 1000), self.endpoint, self.bucket,
+                  TTL_SECONDS * 1000])
+        return Slot(token, int(epoch), time.monotonic()) if granted else None
+
+    def acquire(self, token: str, wait_seconds: float) -> Slot | None:
+        """A slot, waiting up to `wait_seconds` for one (woken by releases; re-checked each second,
+        for slots whose lease ran out). None if none came."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            slot = self.try_acquire(token)
+            if slot is not None:
+                return slot
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            self.client.blpop([self.keys[2]], timeout=min(1.0, max(0.01, left)))
+
+    def renew(self, slot: Slot) -> bool:
+        """Extend the slot's lease; False if it had expired (and was freed) meanwhile."""
+        return bool(self._renew(keys=self.keys[:2], args=[slot.token, int(self.limits.lease_seconds * 1000)]))
+
+    def release(self, slot: Slot, signal: Signal, reason: str) -> tuple[int, int]:
+        """Give the slot back, moving the window as `signal` says; returns (before, after)."""
+        lim = self.limits
+        _held, before, after, _used = self._release(
+            keys=list(self.keys),
+            args=[slot.token, signal.value, slot.epoch, lim.low, lim.high, reason[:200], TTL_SECONDS * 1000])
+        before, after = int(before), int(after)
+        if before != after:
+            log.info("window %s: %d -> %d (%s)", self.name, before, after, reason,
+                     extra={"destination": self.name, "window": after})
+        return before, after
+
+    def state(self) -> State | None:
+        """The window now (None if no part was sent to this destination lately)."""
+        pipe = self.client.pipeline()
+        pipe.hgetall(self.keys[0])
+        pipe.zcount(self.keys[1], "(" + str(int(time.time() * 1000)), "+inf")
+        values, in_flight = pipe.execute()
+        if not values:
+            return None
+        values = {k.decode(): v.decode() for k, v in values.items()}
+        changed = values.get("changed_ms")
+        return State(int(float(values["window"])), int(in_flight), values.get("reason", ""),
+                     int(changed) / 1000 if changed else None)
+
+
+def redis_url(result_backend: str, broker_url: str) -> str | None:
+    """Where the windows live: the result backend's Redis, else the broker's; None if neither is Redis."""
+    for url in (result_backend, broker_url):
+        if urllib.parse.urlsplit(url).scheme in ("redis", "rediss", "socket", "redis+socket"):
+            return url
+    return None
+
+
+def client_from_url(url: str, timeout: float | None = None) -> redis.Redis | None:
+    """A Redis client for a result backend or broker URL (redis://, rediss://, Celery's socket://
+    and redis+socket://); None if the URL is not Redis."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("redis", "rediss"):
+        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    if parts.scheme in ("socket", "redis+socket"):
+        query = urllib.parse.parse_qs(parts.query)
+        db = int((query.get("virtual_host") or query.get("db") or ["0"])[0])
+        return redis.Redis(unix_socket_path=parts.path, db=db, socket_timeout=timeout,
+                           socket_connect_timeout=timeout)
+    return None
