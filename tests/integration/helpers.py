@@ -25,6 +25,13 @@ def run_cli(args: Sequence[str], env: dict[str, str], timeout: float = 300) -> s
     return subprocess.run([S3FERRY, *args], env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def submit(env: dict[str, str], path: Path, bucket: str, part_size: str = "5MiB") -> uuid.UUID:
+    """`s3ferry upload --no-wait` to s3://bucket/<file name>; returns the upload's id."""
+    run = run_cli(["upload", str(path), f"s3://{bucket}/{path.name}", "--part-size", part_size, "--no-wait"], env)
+    assert run.returncode == 0, run.stderr
+    return uuid.UUID(run.stdout.split()[0])
+
+
 def wait_status(db: Database, upload_id: uuid.UUID, statuses: Sequence[str], timeout: float = 120) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -18,7 +18,7 @@ from models.states import UploadStatus
 from tests import services
 from tests.conftest import sha256_of_object, write_random
 from tests.http_faults import FaultProxy
-from tests.integration.helpers import FINISHED, MiB, run_cli, wait_status, wait_until
+from tests.integration.helpers import FINISHED, MiB, run_cli, submit, wait_status, wait_until
 from workers.window import Limits, Signal, Window, client_from_url
 
 pytestmark = pytest.mark.integration
@@ -134,26 +134,6 @@ WINDOW_LINE = re.compile(r"window \S+: (\d+) -> (\d+) \((.*?)\)")
 
 def changes(log: str) -> list[tuple[int, int, str]]:
     return [(int(a), int(b), reason) for a, b, reason in WINDOW_LINE.findall(log)]
-
-
-@pytest.fixture
-def proxy_and_env(service_env: dict[str, str], s3_endpoint: str,
-                  redis_urls: tuple[str, str]) -> Iterator[tuple[FaultProxy, dict[str, str]]]:
-    """A fault proxy, and an environment that sends through it on a queue of this test's own
-    (so the session's worker does not take its parts)."""
-    proxy = FaultProxy(s3_endpoint)
-    queue = f"s3ferry-window-{uuid.uuid4().hex[:8]}"
-    yield proxy, {**service_env, "AWS_ENDPOINT_URL": proxy.url, "S3FERRY_QUEUE": queue}
-    proxy.close()
-    broker = redis.Redis.from_url(redis_urls[0])
-    broker.delete(queue, f"{queue}.control", *broker.keys(f"_kombu.binding.{queue}*"))
-    broker.close()
-
-
-def submit(env: dict[str, str], path: Path, bucket: str) -> uuid.UUID:
-    run = run_cli(["upload", str(path), f"s3://{bucket}/{path.name}", "--part-size", "5MiB", "--no-wait"], env)
-    assert run.returncode == 0, run.stderr
-    return uuid.UUID(run.stdout.split()[0])
 
 
 def window_keys(kv: redis.Redis, proxy: FaultProxy, bucket: str) -> tuple[str, str, str]:
