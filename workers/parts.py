@@ -120,7 +120,10 @@ def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | No
         if isinstance(error, s3.UnreachableS3Error):
             _wait_for_s3(rt, upload, part, str(error))
         elif isinstance(error, s3.TransientS3Error):
-            _retry_or_fail(rt, upload, part, str(error))
+            # Throttled while a window paces the fleet: the halved window is the backoff that
+            # matters (the retry waits for a slot in it); the part's own starts shorter.
+            _retry_or_fail(rt, upload, part, str(error),
+                           scale=CONGESTION_BACKOFF if outcome is not None and error.congestion else 1.0)
         _fail(rt, upload, part, str(error))
     except reader.SourceChanged as error:
         _fail(rt, upload, part, str(error))
@@ -202,7 +205,11 @@ def _put_presigned(rt: Runtime, upload: Upload, part: Part, body: reader.RangeRe
     raise AssertionError("unreachable")
 
 
-def _retry_or_fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
+#: The backoff of a part throttled under a window, relative to the usual one.
+CONGESTION_BACKOFF = 0.2
+
+
+def _retry_or_fail(rt: Runtime, upload: Upload, part: Part, error: str, scale: float = 1.0) -> None:
     """After a transient error: release the claim and retry later, unless retries are exhausted."""
     number = part.part_number
     if part.attempts > upload.max_retries:
@@ -213,7 +220,7 @@ def _retry_or_fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
         released = transitions.release_for_retry(session, upload.id, number, rt.worker_id, error)
     if released is None:
         raise RetryLater(f"part {number} was taken over while failing: {error}", _wait(rt, 1))
-    seconds = _wait(rt, part.attempts)
+    seconds = _wait(rt, part.attempts) * scale
     log.warning("part failed (%s); retry %d/%d in %.1fs", error, part.attempts, upload.max_retries, seconds,
                 extra={"upload_id": str(upload.id), "part": number})
     raise RetryLater(error, seconds)

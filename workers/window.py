@@ -4,14 +4,18 @@ One window per destination (endpoint + bucket) lives in Redis, so every worker o
 fleet shares it:
 
 - it starts at S3FERRY_WINDOW_INITIAL and stays within [S3FERRY_WINDOW_MIN, S3FERRY_WINDOW_MAX];
-- a part that lands within the target time adds 1 until the first sign of congestion,
-  then 1/window (so 1 per round of a full window: additive increase, as TCP's congestion
-  avoidance after slow start). It only grows while the window is full: parts held back
-  by the number of workers say nothing about the link;
+- a part that lands within the target time, while at least half the window is in use
+  (parts held back by the number of workers say nothing about the link), grows it: by 1
+  per part up to just below the size that last met congestion (at first: up to the
+  maximum, a slow start; after a halving, a fast regrowth to the size known to work);
+  then by 1 per PROBE_ROUNDS full rounds for the last step to that size (a cautious
+  probe of a limit that was hit before); past it, by 1 per round (additive increase).
+  The probe and the growth past the limit count only parts sent since the last halving;
 - a part refused with SlowDown / throttling, or lost to a timeout or a connection error,
-  halves it (multiplicative decrease) and remembers the halved size as the threshold
-  past which growth is additive; once per round: parts sent before the last halving do
-  not halve it again;
+  halves it (multiplicative decrease), once per round: parts sent before the last halving
+  do not halve it again. The size that met congestion is the window the refused part was
+  sent under (the window may have grown meanwhile, while the refusal was on its way);
+  it is halved, and recorded as the limit to probe slowly;
 - a part holds a slot while it is sent: a Redis lease that its worker renews and that
   expires when the worker dies, so a dead worker's slot comes back by itself.
 
@@ -34,6 +38,8 @@ import redis
 log = logging.getLogger(__name__)
 
 KEY = "s3ferry:window:{}"
+#: Full rounds of fast parts for the one step up to a size that met congestion before.
+PROBE_ROUNDS = 4
 #: Keys of idle destinations go after a week.
 TTL_SECONDS = 7 * 24 * 3600
 
@@ -45,7 +51,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 local w = tonumber(redis.call('HGET', KEYS[1], 'window'))
 if not w then
   w = initial
-  redis.call('HSET', KEYS[1], 'window', w, 'epoch', 0, 'threshold', high, 'endpoint', ARGV[6], 'bucket', ARGV[7],
+  redis.call('HSET', KEYS[1], 'window', w, 'epoch', 0, 'endpoint', ARGV[6], 'bucket', ARGV[7],
              'changed_ms', now, 'reason', 'start')
 end
 local clamped = math.max(low, math.min(high, w))
@@ -78,15 +84,24 @@ local token, signal, epoch_then, low, high = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local held = redis.call('ZREM', KEYS[2], token)
 local w = tonumber(redis.call('HGET', KEYS[1], 'window')) or low
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch')) or 0
-local threshold = tonumber(redis.call('HGET', KEYS[1], 'threshold')) or high
+local ceiling = tonumber(redis.call('HGET', KEYS[1], 'ceiling')) or (high + 1)
 local used = redis.call('ZCARD', KEYS[2])
+local whole = math.floor(w)
 local new = w
-if signal == 'grow' and held == 1 and used + 1 >= math.floor(w) then
-  if w < threshold then new = w + 1 else new = w + 1 / math.floor(w) end
+-- below the last limit any landed part counts (it shows the link carries that much);
+-- the probe of the limit and growth past it count only parts sent since the last halving
+if signal == 'grow' and held == 1 and 2 * (used + 1) >= whole and (whole + 1 < ceiling or epoch_then == epoch) then
+  if whole + 1 < ceiling then new = w + 1                                    -- (re)grow to below the last limit
+  elseif whole < ceiling then new = w + 1 / (tonumber(ARGV[8]) * whole)      -- probe that limit slowly
+  else new = w + 1 / whole end                                               -- past it: additive increase
   new = math.min(high, new)
+  if math.floor(new) > whole then new = math.floor(new) end                  -- each step starts a fresh count
 elseif signal == 'shrink' and epoch_then == epoch then
-  new = math.max(low, math.floor(w / 2))
-  redis.call('HSET', KEYS[1], 'epoch', epoch + 1, 'threshold', new)
+  -- the refused part was sent when the window was ARGV[9]: the limit is there (or below),
+  -- not at what the window grew to while the refusal was on its way back
+  local met = math.min(whole, tonumber(ARGV[9]))
+  new = math.max(low, math.floor(met / 2))
+  redis.call('HSET', KEYS[1], 'epoch', epoch + 1, 'ceiling', met)
 end
 if new ~= w then
   redis.call('HSET', KEYS[1], 'window', tostring(new))
@@ -134,6 +149,7 @@ class Slot:
 
     token: str
     epoch: int
+    size: int  # the window's size when it was granted
     acquired: float  # time.monotonic()
 
 
@@ -172,11 +188,11 @@ class Window:
 
     def try_acquire(self, token: str) -> Slot | None:
         lim = self.limits
-        granted, epoch, _used, _w = self._acquire(
+        granted, epoch, _used, size = self._acquire(
             keys=self.keys[:2],
             args=[token, lim.initial, lim.low, lim.high, int(lim.lease_seconds * 1000), self.endpoint, self.bucket,
                   TTL_SECONDS * 1000])
-        return Slot(token, int(epoch), time.monotonic()) if granted else None
+        return Slot(token, int(epoch), int(size), time.monotonic()) if granted else None
 
     def acquire(self, token: str, wait_seconds: float) -> Slot | None:
         """A slot, waiting up to `wait_seconds` for one (woken by releases; re-checked each second,
@@ -200,7 +216,8 @@ class Window:
         lim = self.limits
         _held, before, after, _used = self._release(
             keys=list(self.keys),
-            args=[slot.token, signal.value, slot.epoch, lim.low, lim.high, reason[:200], TTL_SECONDS * 1000])
+            args=[slot.token, signal.value, slot.epoch, lim.low, lim.high, reason[:200], TTL_SECONDS * 1000,
+                  PROBE_ROUNDS, slot.size])
         before, after = int(before), int(after)
         if before != after:
             log.info("window %s: %d -> %d (%s)", self.name, before, after, reason,

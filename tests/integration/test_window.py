@@ -19,7 +19,7 @@ from tests import services
 from tests.conftest import sha256_of_object, write_random
 from tests.http_faults import FaultProxy
 from tests.integration.helpers import FINISHED, MiB, run_cli, submit, wait_status, wait_until
-from workers.window import Limits, Signal, Window, client_from_url
+from workers.window import PROBE_ROUNDS, Limits, Signal, Window, client_from_url
 
 pytestmark = pytest.mark.integration
 
@@ -78,19 +78,23 @@ def test_the_window_halves_once_per_round_and_never_below_the_minimum(make_windo
     assert state is not None and state.window == 3 and state.reason == "timeout"
 
 
-def test_after_a_halving_the_window_grows_by_one_per_full_round(make_window) -> None:  # type: ignore[no-untyped-def]
+def test_after_a_halving_the_window_regrows_fast_probes_the_old_limit_slowly_then_adds_one_per_round(  # type: ignore[no-untyped-def]
+        make_window) -> None:
     shared = make_window(initial=8, low=1, high=16)
     first = shared.try_acquire("first")
-    assert shared.release(first, Signal.SHRINK, "SlowDown") == (8, 4)  # the threshold is now 4
+    assert shared.release(first, Signal.SHRINK, "SlowDown") == (8, 4)  # 8 met congestion
     sizes = []
-    for n in range(9):
+    for n in range(3 + PROBE_ROUNDS * 7 + 8):
         full = shared.state().window
         slots = [shared.try_acquire(f"{n}-{j}") for j in range(full)]
         assert all(slots) and shared.try_acquire(f"{n}-extra") is None
         sizes.append(shared.release(slots[0], Signal.GROW, "fast")[1])  # lands fast while the window is full
         for slot in slots[1:]:
             shared.release(slot, Signal.NONE, "slow")
-    assert sizes[:4] == [4, 4, 4, 5] and sizes[4:9] == [5, 5, 5, 5, 6], sizes  # +1/w per fast part
+    probe = PROBE_ROUNDS * 7  # parts: PROBE_ROUNDS full rounds of 7
+    assert sizes[:3] == [5, 6, 7], sizes  # +1 per part back up to below 8
+    assert sizes[3:3 + probe - 1] == [7] * (probe - 1) and sizes[3 + probe - 1] == 8, sizes
+    assert sizes[3 + probe:] == [8] * 7 + [9], sizes  # past the old limit: +1 per round of 8
 
 
 def test_a_slot_whose_lease_ran_out_is_free_again(make_window) -> None:  # type: ignore[no-untyped-def]
