@@ -94,7 +94,8 @@ def main() -> int:
                             results[link][name].append(measured)
                             print(f"run {run + 1} {link:9} {name:8} {measured['seconds']:6.2f}s "
                                   f"retries {measured['retries']:3} resent {measured['resent_bytes'] / MiB:7.1f} MiB "
-                                  f"slowdowns {measured['slowdowns']}", flush=True)
+                                  f"slowdowns {measured['slowdowns']}{'  FAILED' if measured['failed'] else ''}",
+                                  flush=True)
             finally:
                 proxy.close()
     finally:
@@ -150,8 +151,9 @@ def upload(work: Path, env: dict[str, str], proxy: FaultProxy, faults: dict[str,
         if fixed:  # its limits clamped the stored window: leave none behind
             kv.delete(*shared.keys)
         kv.close()
-    if done.returncode != 0:
-        raise RuntimeError(f"upload failed: {done.stderr[-2000:]}")
+    failed = done.returncode != 0
+    if failed and "upload failed" not in done.stderr:
+        raise RuntimeError(f"s3ferry upload: {done.stderr[-2000:]}")
     engine = sa.create_engine(env["S3FERRY_DATABASE_URL"])
     with engine.connect() as connection:
         parts, attempts, retry_count = connection.execute(sa.text(
@@ -159,7 +161,8 @@ def upload(work: Path, env: dict[str, str], proxy: FaultProxy, faults: dict[str,
             "WHERE u.key = :key"), {"key": key}).one()
     engine.dispose()
     size = source.stat().st_size
-    return {"seconds": seconds, "MBps": size / seconds / 1e6, "parts": parts, "retries": int(attempts) - parts,
+    return {"seconds": seconds, "failed": done.stderr.strip().splitlines()[-1] if failed else None,
+            "MBps": size / seconds / 1e6, "parts": parts, "retries": int(attempts) - parts,
             "upload_retry_count": retry_count, "resent_bytes": proxy.counts.body_bytes - size,
             "slowdowns": proxy.counts.slowdowns, "max_in_flight": proxy.counts.max_in_flight,
             "window": samples}
@@ -171,7 +174,10 @@ def summarize(results: dict[str, dict[str, list[dict[str, object]]]]) -> dict[st
         rows[link] = {}
         for name, runs in configs.items():
             rows[link][name] = {
-                "seconds": statistics.median(float(r["seconds"]) for r in runs),  # type: ignore[arg-type]
+                # a failed upload took forever, as far as comparing settings goes
+                "seconds": statistics.median(float("inf") if r["failed"] else float(r["seconds"])  # type: ignore[arg-type]
+                                             for r in runs),
+                "failed_runs": sum(1 for r in runs if r["failed"]),
                 "retries": statistics.median(float(r["retries"]) for r in runs),  # type: ignore[arg-type]
                 "resent_MiB": statistics.median(float(r["resent_bytes"]) / MiB for r in runs),  # type: ignore[arg-type]
                 "slowdowns": statistics.median(float(r["slowdowns"]) for r in runs),  # type: ignore[arg-type]
@@ -197,7 +203,8 @@ def table(summary: dict[str, object]) -> str:
              "|---|---|---|---|---|---|"]
     for link, configs in rows.items():  # type: ignore[union-attr]
         for name, row in configs.items():
-            lines.append(f"| {link} | {name} | {row['seconds']:.2f} | {row['retries']:.0f} | "
+            failed = f" ({row['failed_runs']:.0f} of the runs failed: out of retries)" if row["failed_runs"] else ""
+            lines.append(f"| {link} | {name} | {row['seconds']:.2f}{failed} | {row['retries']:.0f} | "
                          f"{row['resent_MiB']:.1f} | {row['slowdowns']:.0f} |")
     lines.append("")
     for link in rows:  # type: ignore[union-attr]

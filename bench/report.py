@@ -82,6 +82,19 @@ def main() -> int:
                   f"{s['part_phase_s']:.1f} |",
                   f"| last part to complete (CompleteMultipartUpload, HeadObject) | {s['completion_s']:.2f} |",
                   f"| wall, `s3ferry upload` | {s['wall_s']:.1f} |", ""]
+    aimd = load("aimd")
+    if aimd:
+        sys.path.insert(0, str(RESULTS.parents[1]))
+        from bench.aimd import table
+
+        p = aimd["params"]
+        lines += [f"## Parts in flight: AIMD vs fixed ({p['size'] >> 20} MiB, {p['part_size'] >> 20} MiB parts, "
+                  f"{p['latency_s']} s added per request, median of {p['runs']} runs; `python bench/aimd.py`)", "",
+                  "One worker with 16 threads; the window fixed at 1, 4, 16, or AIMD from a fresh window (cold) and "
+                  "from the window the cold run left (warm). Throttled: 503 SlowDown for every request beyond "
+                  f"{p['throttle_above']} in flight.", "", table(aimd["summary"]), "",
+                  "![AIMD window, clean link](aimd-clean.png)", "", "![AIMD window, throttled link](aimd-throttled.png)",
+                  ""]
     if scheduler:
         lines += ["## Scheduler", "", f"Picking the next of {scheduler.get('queued', 10000):,} queued uploads: "
                   f"{scheduler['pick_median_ms']:.2f} ms median (p95 {scheduler['pick_p95_ms']:.2f} ms).", ""]

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python bench/peers.py "$@"
 python bench/scale.py
+python bench/aimd.py
 python bench/scheduler.py
 python bench/profile_worker.py
 python bench/report.py

@@ -79,7 +79,7 @@ class Settings:
     #: slot frees after this long.
     window_lease_seconds: float = 30.0
     #: How long a part task waits for a slot before it steps aside (requeued, no retry counted).
-    window_wait_seconds: float = 60.0
+    window_wait_seconds: float = 20.0
     #: Presigned mode: part workers hold no S3 credentials; `s3ferry signer` (which does) signs
     #: each part's UploadPart URL when asked, valid for presign_expiry_seconds.
     presigned: bool = False

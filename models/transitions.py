@@ -164,6 +164,18 @@ class Claim:
     upload: Upload
 
 
+def would_claim(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str) -> tuple[bool, Upload]:
+    """Whether claim_part would claim the part now (read-only, no locks: a hint that may be stale
+    by the time of the claim), and the upload."""
+    upload = session.get(Upload, upload_id)
+    part = session.get(Part, (upload_id, number))
+    if upload is None or part is None:
+        raise InvalidTransition(f"no part {number} of upload {upload_id}")
+    held = part.status == PartStatus.IN_FLIGHT and part.worker != worker and not _expired(part.lease_expires_at,
+                                                                                           utcnow())
+    return (part.status != PartStatus.DONE and upload.status == UploadStatus.IN_PROGRESS and not held), upload
+
+
 def claim_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
                lease_seconds: float) -> Claim:
     """Claim a part before reading any byte of it: pending, failed, or in flight with an expired lease."""

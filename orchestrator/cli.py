@@ -467,6 +467,12 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
     from workers.app import control_queue
 
+    if settings.presigned:
+        from workers import window
+
+        if window.redis_url(settings.result_backend, settings.broker_url) is None:
+            raise UserError("S3FERRY_PRESIGNED=1: workers ask the signer through Redis, so S3FERRY_RESULT_BACKEND "
+                            "or S3FERRY_BROKER_URL must be a redis:// URL")
     # In presigned mode a worker holds no credentials: the control queue (completion,
     # reconciler, sweeper, scheduler) is `s3ferry signer`'s.
     queues = settings.queue if settings.presigned else f"{settings.queue},{control_queue(settings.queue)}"
@@ -519,8 +525,11 @@ def _metrics(args: argparse.Namespace, settings: Settings) -> int:
 
     db = Database(settings.database_url)
     db.check()  # an unreachable database fails here, not at the first scrape
+    from workers import window
+
+    url = window.redis_url(settings.result_backend, settings.broker_url)
     print(f"serving metrics on http://{args.address}:{args.port}/metrics", file=sys.stderr, flush=True)
-    metrics.serve(db, args.port, args.address)
+    metrics.serve(db, args.port, args.address, window.client_from_url(url, timeout=5.0) if url else None)
     return 0
 
 

@@ -63,13 +63,42 @@ class DatabaseCollector(Collector):
         yield histogram
 
 
+class WindowCollector(Collector):
+    """The AIMD window of every destination, read from Redis on each scrape."""
+
+    def __init__(self, client: object) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator[object]:
+        from workers import window
+
+        size = GaugeMetricFamily("s3ferry_window", "Parts allowed in flight to a destination (AIMD window).",
+                                 labels=["destination"])
+        in_flight = GaugeMetricFamily("s3ferry_window_in_flight", "Parts holding a slot of the window now.",
+                                      labels=["destination"])
+        up = GaugeMetricFamily("s3ferry_window_redis_up", "1 if the windows could be read from Redis.")
+        try:
+            states = window.all_states(self.client)  # type: ignore[arg-type]
+        except Exception:  # noqa: BLE001 - the database metrics still count
+            up.add_metric([], 0)
+            yield up
+            return
+        for destination, state in sorted(states.items()):
+            size.add_metric([destination], state.window)
+            in_flight.add_metric([destination], state.in_flight)
+        up.add_metric([], 1)
+        yield size
+        yield in_flight
+        yield up
+
+
 def _seconds(dialect: str) -> sa.ColumnElement[float]:
     if dialect == "postgresql":
         return sa.func.extract("epoch", Part.finished_at - Part.started_at)
     return (sa.func.julianday(Part.finished_at) - sa.func.julianday(Part.started_at)) * 86400.0
 
 
-def serve(db: Database, port: int, address: str) -> None:
+def serve(db: Database, port: int, address: str, window_redis: object | None = None) -> None:
     """Serve /metrics until interrupted."""
     import time
 
@@ -77,6 +106,8 @@ def serve(db: Database, port: int, address: str) -> None:
 
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(db))
+    if window_redis is not None:
+        registry.register(WindowCollector(window_redis))
     start_http_server(port, addr=address, registry=registry)
     while True:
         time.sleep(3600)

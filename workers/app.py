@@ -13,7 +13,7 @@ from celery import Celery, signals
 
 from models import transitions
 from models.settings import Settings
-from workers import backend, logs, runtime
+from workers import backend, logs, runtime, signer
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,9 @@ def make_app(settings: Settings) -> Celery:
 
 
 app = make_app(Settings.from_env())
+
+# Presigned URLs never reach a log, even at DEBUG (workers/signer.py).
+signer.hide_urls_in_logs()
 
 
 @signals.worker_process_init.connect

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from types import TracebackType
@@ -37,18 +38,23 @@ class LeaseKeeper:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
                  trace: TracebackType | None) -> None:
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=60)  # a renewal stuck on a dead connection ends by its socket timeout
 
     def _run(self) -> None:
         seconds = self.rt.settings.lease_seconds
-        period = min(seconds, self.rt.settings.window_lease_seconds if self.also else seconds) / 3
-        while not self._stop.wait(period):
-            if self.also is not None:
-                try:
-                    self.also()  # the window slot's lease
-                except Exception as error:  # noqa: BLE001 - Redis blips; the slot lease is only a bound
-                    log.warning("could not renew the window slot (%s)", error,
-                                extra={"upload_id": str(self.upload_id), "part": self.number})
+        # the claim is renewed every third of its lease; the window slot (if any) every third of its own
+        slot_every = self.rt.settings.window_lease_seconds / 3 if self.also else None
+        claim_every = seconds / 3
+        next_claim = time.monotonic() + claim_every
+        next_slot = time.monotonic() + slot_every if slot_every else float("inf")
+        while not self._stop.wait(max(0.0, min(next_claim, next_slot) - time.monotonic())):
+            now = time.monotonic()
+            if now >= next_slot:
+                next_slot = now + slot_every  # type: ignore[operator]
+                self._renew_slot()
+            if now < next_claim:
+                continue
+            next_claim = now + claim_every
             try:
                 with self.rt.db.transaction() as session:
                     held = transitions.renew_lease(session, self.upload_id, self.number, self.rt.worker_id, seconds)
@@ -61,3 +67,12 @@ class LeaseKeeper:
                 log.warning("lost the claim on the part while sending it",
                             extra={"upload_id": str(self.upload_id), "part": self.number})
                 return
+
+    def _renew_slot(self) -> None:
+        try:
+            if not self.also():  # type: ignore[misc]
+                log.warning("the part's window slot had expired (its lease ran out); it was taken again",
+                            extra={"upload_id": str(self.upload_id), "part": self.number})
+        except Exception as error:  # noqa: BLE001 - Redis blips; the slot lease is only a bound
+            log.warning("could not renew the window slot (%s)", error,
+                        extra={"upload_id": str(self.upload_id), "part": self.number})

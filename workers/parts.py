@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import secrets
 import time
 import uuid
 
@@ -61,17 +62,20 @@ def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
     Database errors propagate (the task retries them without counting: Postgres
     may be restarting); S3 and source errors are handled here.
     """
-    try:
-        shared = rt.window_for(upload_id)
-        slot = None
-        if shared is not None:
-            slot = shared.acquire(f"{rt.worker_id}:{upload_id}:{number}", rt.settings.window_wait_seconds)
-    except redis.RedisError as error:
-        raise RetryLater(f"the window's Redis is unavailable ({error})", None) from error
-    if shared is None or slot is None:
-        if shared is not None:  # still full: step aside (requeued; no retry counted), let other work run
-            raise RetryLater(f"part {number}: no slot free in the window of {shared.name}", 0.5 + random.random())
+    with rt.db.transaction() as session:
+        claimable, upload = transitions.would_claim(session, upload_id, number, rt.worker_id)
+        endpoint, bucket = upload.endpoint_url, upload.bucket
+    shared = rt.window(endpoint, bucket) if claimable else None
+    if shared is None:  # no shared window; or done, held or moot: no slot needed to find out
         return _send(rt, upload_id, number, None)
+    try:
+        # a token of its own per try: two deliveries of one part never share a slot
+        slot = shared.acquire(f"{rt.worker_id}:{upload_id}:{number}:{secrets.token_hex(4)}",
+                              rt.settings.window_wait_seconds)
+    except redis.RedisError as error:
+        raise RetryLater(f"the window's Redis is unavailable ({error})", _wait(rt, 3)) from error
+    if slot is None:  # still full: step aside (requeued; no retry counted) so other work can run
+        raise RetryLater(f"part {number}: no slot free in the window of {shared.name}", 0.5 + random.random())
     outcome = _Outcome(shared, slot)
     try:
         return _send(rt, upload_id, number, outcome)
@@ -125,6 +129,11 @@ def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | No
             _retry_or_fail(rt, upload, part, str(error),
                            scale=CONGESTION_BACKOFF if outcome is not None and error.congestion else 1.0)
         _fail(rt, upload, part, str(error))
+    except signer.Inactive as error:  # cancelled or failed while this part waited for its URL
+        with rt.db.transaction() as session:
+            transitions.release_for_retry(session, upload.id, number, rt.worker_id, str(error), counted=False)
+        log.info("part not sent: %s", error, extra=context)
+        return PartResult(number, skipped=str(error))
     except reader.SourceChanged as error:
         _fail(rt, upload, part, str(error))
     except OSError as error:  # reading the source failed (I/O error, file shrank, ...)

@@ -13,15 +13,12 @@ import os
 import secrets
 import socket
 import threading
-import uuid
 
 from redis import Redis
 from botocore.client import BaseClient
 
 from models.db import Database
-from models.exceptions import S3FerryError
 from models.settings import Settings
-from models.tables import Upload
 from workers import s3, window
 
 log = logging.getLogger(__name__)
@@ -35,7 +32,6 @@ class Runtime:
     _clients: dict[str | None, BaseClient] = dataclasses.field(default_factory=dict)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     _windows: dict[tuple[str | None, str], window.Window] = dataclasses.field(default_factory=dict)
-    _destinations: dict[uuid.UUID, tuple[str | None, str]] = dataclasses.field(default_factory=dict)
     _redis: Redis | None = None
 
     @property
@@ -61,29 +57,18 @@ class Runtime:
                 self._redis = window.client_from_url(url) if url else None
             return self._redis
 
-    def window_for(self, upload_id: uuid.UUID) -> window.Window | None:
-        """The AIMD window of the upload's destination (None without Redis: no shared window)."""
+    def window(self, endpoint_url: str | None, bucket: str) -> window.Window | None:
+        """The AIMD window of a destination (None without Redis: no shared window)."""
         client = self.redis
         if client is None:
             return None
         with self._lock:
-            destination = self._destinations.get(upload_id)
-        if destination is None:
-            with self.db.transaction() as session:
-                upload = session.get(Upload, upload_id)
-                if upload is None:
-                    raise S3FerryError(f"no upload with id {upload_id}")
-                destination = (upload.endpoint_url, upload.bucket)
-        with self._lock:
-            if len(self._destinations) > 10_000:
-                self._destinations.clear()
-            self._destinations[upload_id] = destination
-            found = self._windows.get(destination)
+            found = self._windows.get((endpoint_url, bucket))
             if found is None:
                 s = self.settings
                 limits = window.Limits(s.window_initial, s.window_min, s.window_max, s.window_target_seconds,
                                        s.window_lease_seconds)
-                found = self._windows[destination] = window.Window(client, *destination, limits)
+                found = self._windows[(endpoint_url, bucket)] = window.Window(client, endpoint_url, bucket, limits)
             return found
 
     def close(self) -> None:

@@ -22,7 +22,6 @@ import logging
 import re
 import secrets
 import threading
-import time
 import uuid
 
 import botocore.exceptions
@@ -30,6 +29,7 @@ import redis
 import urllib3
 
 from models.db import Database
+from models.exceptions import DatabaseError, S3FerryError
 from models.settings import Settings
 from models.states import UploadStatus
 from models.tables import Part, Upload
@@ -47,7 +47,15 @@ REPLY_TTL_SECONDS = 30
 
 
 class SignerUnavailable(s3.UnreachableS3Error):
-    """No signer answered."""
+    """No signer answered, or it could not sign for now."""
+
+
+class Inactive(S3FerryError):
+    """The upload is no longer in progress (cancelled, failed): the part is not to be sent."""
+
+
+#: Kinds of refusal in a reply.
+INACTIVE, UNAVAILABLE, INVALID = "inactive", "unavailable", "invalid"
 
 
 @dataclasses.dataclass(frozen=True, repr=False)
@@ -64,20 +72,53 @@ def scrub(text: str) -> str:
     return re.sub(r"\?[^\s'\"<>)]*", "?<query hidden>", text)
 
 
+_SECRET_MARKERS = ("X-Amz-Signature", "X-Amz-Credential", "Signature=", "AWSAccessKeyId=")
+
+
+def hide_urls_in_logs() -> None:
+    """Keep presigned URLs out of every log, whatever the log level: libraries log request URLs
+    at DEBUG (urllib3's request lines, botocore's canonical request) and some at WARNING
+    (urllib3's "Failed to parse headers (url=...)"). Records that carry one get their query
+    strings scrubbed; botocore's signing details are never logged."""
+    logging.getLogger("botocore.auth").setLevel(logging.INFO)
+    previous = logging.getLogRecordFactory()
+    if getattr(previous, "s3ferry_scrubs", False):
+        return
+
+    def factory(*args: object, **kwargs: object) -> logging.LogRecord:
+        record = previous(*args, **kwargs)
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - a malformed record is the logging module's to report
+            return record
+        if any(marker in text for marker in _SECRET_MARKERS):
+            record.msg, record.args = scrub(text), ()
+        return record
+
+    factory.s3ferry_scrubs = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
 # --- the worker's side ------------------------------------------------------------------
 
 def request(client: redis.Redis, queue: str, upload_id: uuid.UUID, part_number: int, checksum: str,
             wait: float = ANSWER_SECONDS) -> Presigned:
     """Ask the signer for the part's URL; raises SignerUnavailable, or PermanentS3Error if it refused."""
     request_id = secrets.token_hex(16)
+    seconds, _ = client.time()  # one clock for the worker and the signer: Redis's
     message = {"id": request_id, "upload_id": str(upload_id), "part": part_number, "checksum": checksum,
-               "deadline": time.time() + wait}
+               "deadline": seconds + wait}
     client.rpush(REQUESTS.format(queue), json.dumps(message))
     popped = client.blpop([REPLY.format(request_id)], timeout=wait)
     if popped is None:
         raise SignerUnavailable(f"no signer answered within {wait:.0f}s (is `s3ferry signer` running?)")
     reply = json.loads(popped[1])
-    if "error" in reply:
+    kind = reply.get("refused")
+    if kind == INACTIVE:
+        raise Inactive(f"the signer refused part {part_number}: {reply['error']}")
+    if kind == UNAVAILABLE:  # its database or credentials are failing for now: wait, uncounted
+        raise SignerUnavailable(f"the signer could not sign part {part_number}: {reply['error']}")
+    if kind is not None:
         raise s3.PermanentS3Error(f"the signer refused part {part_number}: {reply['error']}")
     return Presigned(reply["url"], reply["headers"])
 
@@ -112,11 +153,13 @@ def put(presigned: Presigned, body: object, size: int) -> dict[str, str]:
     except (urllib3.exceptions.HTTPError, OSError) as error:
         raise s3.TransientS3Error(scrub(f"{type(error).__name__}: {error}"), congestion=True) from None
     if response.status == 200:
-        return {"ETag": response.headers.get("ETag", ""),
-                "ChecksumCRC32C": response.headers.get("x-amz-checksum-crc32c", "")}
+        etag = response.headers.get("ETag")
+        if not etag:
+            raise s3.TransientS3Error("S3 answered 200 without an ETag")
+        return {"ETag": etag, "ChecksumCRC32C": response.headers.get("x-amz-checksum-crc32c", "")}
     code, message = _error_of(response.data)
     text = scrub(f"{code or response.status}: {message}".strip().rstrip(":"))
-    if response.status == 403:
+    if response.status == 403 and (code in ("AccessDenied", "") or "expired" in message.lower()):
         raise Expired(text)
     congestion = code in s3.THROTTLE_CODES or response.status in (429, 503)
     if code in s3.PERMANENT_CODES:
@@ -162,22 +205,31 @@ class Signer:
                 log.warning("signer: Redis unavailable (%s); trying again", error)
                 self.stop.wait(1)
                 continue
-            if popped is not None:
+            if popped is None:
+                continue
+            try:
                 self.answer(json.loads(popped[1]))
+            except Exception:  # noqa: BLE001 - one bad request or Redis blip must not stop this thread
+                log.exception("signer: could not answer a request")
 
     def answer(self, message: dict[str, object]) -> None:
-        if float(message.get("deadline") or 0) < time.time():
-            return  # the worker gave up on it
+        now, _ = self.client.time()
+        if float(str(message.get("deadline") or 0)) < now:
+            log.info("signer: dropped a request its worker stopped waiting for")
+            return
         try:
             reply: dict[str, object] = self.sign(uuid.UUID(str(message["upload_id"])), int(str(message["part"])),
                                                  str(message["checksum"]))
         except Refused as refusal:
-            reply = {"error": str(refusal)}
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-            reply = {"error": scrub(s3.describe(error))}
+            reply = {"refused": refusal.kind, "error": str(refusal)}
+        except botocore.exceptions.ClientError as error:  # S3 refused us (signing itself needs no S3 call)
+            reply = {"refused": INVALID, "error": scrub(s3.describe(error))}
+        except (botocore.exceptions.BotoCoreError, DatabaseError) as error:  # credentials, database: for now
+            log.warning("signer: could not sign: %s", scrub(str(error)))
+            reply = {"refused": UNAVAILABLE, "error": scrub(f"{type(error).__name__}: {error}")}
         except Exception as error:  # noqa: BLE001 - answer, or the worker waits for nothing
             log.exception("signer: could not sign")
-            reply = {"error": scrub(f"{type(error).__name__}: {error}")}
+            reply = {"refused": UNAVAILABLE, "error": scrub(f"{type(error).__name__}: {error}")}
         reply_key = REPLY.format(message["id"])
         pipe = self.client.pipeline()
         pipe.rpush(reply_key, json.dumps(reply))
@@ -189,9 +241,10 @@ class Signer:
             upload = session.get(Upload, upload_id)
             part = session.get(Part, (upload_id, number))
             if upload is None or part is None:
-                raise Refused(f"no part {number} of upload {upload_id}")
-            if upload.status != UploadStatus.IN_PROGRESS:
-                raise Refused(f"upload {upload_id} is {upload.status}")
+                raise Refused(INVALID, f"no part {number} of upload {upload_id}")
+            # a paused upload's parts in flight finish (pausing stops new ones from starting)
+            if upload.status not in (UploadStatus.IN_PROGRESS, UploadStatus.PAUSED):
+                raise Refused(INACTIVE, f"upload {upload_id} is {upload.status}")
             bucket, key, s3_upload_id, size = upload.bucket, upload.key, upload.s3_upload_id, part.size
             endpoint = upload.endpoint_url
         params: dict[str, object] = {"Bucket": bucket, "Key": key, "ContentLength": size, "ChecksumCRC32C": checksum}
@@ -215,3 +268,7 @@ class Signer:
 
 class Refused(Exception):
     """The request names no part that may be sent now."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -14,8 +14,9 @@ fleet shares it:
 - a part refused with SlowDown / throttling, or lost to a timeout or a connection error,
   halves it (multiplicative decrease), once per round: parts sent before the last halving
   do not halve it again. The size that met congestion is the window the refused part was
-  sent under (the window may have grown meanwhile, while the refusal was on its way);
-  it is halved, and recorded as the limit to probe slowly;
+  sent under (the window may have grown meanwhile, while the refusal was on its way;
+  but a part that failed long after it was sent, a timeout, takes it back no further
+  than half of the window now); it is halved, and recorded as the limit to probe slowly;
 - a part holds a slot while it is sent: a Redis lease that its worker renews and that
   expires when the worker dies, so a dead worker's slot comes back by itself.
 
@@ -38,8 +39,10 @@ import redis
 log = logging.getLogger(__name__)
 
 KEY = "s3ferry:window:{}"
+#: The set of every window's key (for metrics, without scanning the keyspace).
+INDEX = "s3ferry:windows"
 #: Full rounds of fast parts for the one step up to a size that met congestion before.
-PROBE_ROUNDS = 4
+PROBE_ROUNDS = 8
 #: Keys of idle destinations go after a week.
 TTL_SECONDS = 7 * 24 * 3600
 
@@ -59,7 +62,7 @@ if clamped ~= w then
   w = clamped
   redis.call('HSET', KEYS[1], 'window', w, 'changed_ms', now, 'reason', 'limits')
 end
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch')) or 0
 local used = redis.call('ZCARD', KEYS[2])
 local granted = 0
 if redis.call('ZSCORE', KEYS[2], token) or used < math.floor(w) then
@@ -68,13 +71,16 @@ if redis.call('ZSCORE', KEYS[2], token) or used < math.floor(w) then
   granted = 1
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[8]); redis.call('PEXPIRE', KEYS[2], ARGV[8])
+redis.call('SADD', KEYS[3], KEYS[1])
 return {granted, epoch, used, math.floor(w)}
 """
 
 _RENEW = """
 local now_t = redis.call('TIME')
 local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
-return redis.call('ZADD', KEYS[2], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
+local existed = redis.call('ZSCORE', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])  -- the part is still in flight: it counts
+if existed then return 1 else return 0 end
 """
 
 _RELEASE = """
@@ -82,7 +88,12 @@ local now_t = redis.call('TIME')
 local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
 local token, signal, epoch_then, low, high = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 local held = redis.call('ZREM', KEYS[2], token)
-local w = tonumber(redis.call('HGET', KEYS[1], 'window')) or low
+local w = tonumber(redis.call('HGET', KEYS[1], 'window'))
+if not w then  -- the window was reset (deleted) meanwhile: the next acquire starts a new one
+  redis.call('LPUSH', KEYS[3], 1)
+  redis.call('PEXPIRE', KEYS[3], ARGV[7])
+  return {held, 0, 0, redis.call('ZCARD', KEYS[2])}
+end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch')) or 0
 local ceiling = tonumber(redis.call('HGET', KEYS[1], 'ceiling')) or (high + 1)
 local used = redis.call('ZCARD', KEYS[2])
@@ -95,11 +106,12 @@ if signal == 'grow' and held == 1 and 2 * (used + 1) >= whole and (whole + 1 < c
   elseif whole < ceiling then new = w + 1 / (tonumber(ARGV[8]) * whole)      -- probe that limit slowly
   else new = w + 1 / whole end                                               -- past it: additive increase
   new = math.min(high, new)
-  if math.floor(new) > whole then new = math.floor(new) end                  -- each step starts a fresh count
+  if math.floor(new + 1e-9) > whole then new = math.floor(new + 1e-9) end  -- each step starts a fresh count
 elseif signal == 'shrink' and epoch_then == epoch then
   -- the refused part was sent when the window was ARGV[9]: the limit is there (or below),
-  -- not at what the window grew to while the refusal was on its way back
-  local met = math.min(whole, tonumber(ARGV[9]))
+  -- not at what the window grew to while the refusal was on its way back. A part that
+  -- failed long after it was sent (a timeout) is not taken further back than half of now.
+  local met = math.min(whole, math.max(tonumber(ARGV[9]), math.ceil(whole / 2)))
   new = math.max(low, math.floor(met / 2))
   redis.call('HSET', KEYS[1], 'epoch', epoch + 1, 'ceiling', met)
 end
@@ -189,7 +201,7 @@ class Window:
     def try_acquire(self, token: str) -> Slot | None:
         lim = self.limits
         granted, epoch, _used, size = self._acquire(
-            keys=self.keys[:2],
+            keys=[*self.keys[:2], INDEX],
             args=[token, lim.initial, lim.low, lim.high, int(lim.lease_seconds * 1000), self.endpoint, self.bucket,
                   TTL_SECONDS * 1000])
         return Slot(token, int(epoch), int(size), time.monotonic()) if granted else None
@@ -208,7 +220,8 @@ class Window:
             self.client.blpop([self.keys[2]], timeout=min(1.0, max(0.01, left)))
 
     def renew(self, slot: Slot) -> bool:
-        """Extend the slot's lease; False if it had expired (and was freed) meanwhile."""
+        """Extend the slot's lease; False if it had expired meanwhile (it is taken again: the part
+        is still being sent, so it counts, even if that puts the window over for a while)."""
         return bool(self._renew(keys=self.keys[:2], args=[slot.token, int(self.limits.lease_seconds * 1000)]))
 
     def release(self, slot: Slot, signal: Signal, reason: str) -> tuple[int, int]:
@@ -226,9 +239,10 @@ class Window:
 
     def state(self) -> State | None:
         """The window now (None if no part was sent to this destination lately)."""
+        seconds, micros = self.client.time()  # the clock the leases are scored with
         pipe = self.client.pipeline()
         pipe.hgetall(self.keys[0])
-        pipe.zcount(self.keys[1], "(" + str(int(time.time() * 1000)), "+inf")
+        pipe.zcount(self.keys[1], "(" + str(seconds * 1000 + micros // 1000), "+inf")
         values, in_flight = pipe.execute()
         if not values:
             return None
@@ -236,6 +250,22 @@ class Window:
         changed = values.get("changed_ms")
         return State(int(float(values["window"])), int(in_flight), values.get("reason", ""),
                      int(changed) / 1000 if changed else None)
+
+
+def all_states(client: redis.Redis) -> dict[str, State]:
+    """Every destination's window that Redis holds, by destination name (for metrics)."""
+    found: dict[str, State] = {}
+    for key in client.smembers(INDEX):
+        name = key.decode()
+        values = client.hmget(name, "endpoint", "bucket")
+        if values[1] is None:  # expired or reset
+            client.srem(INDEX, name)
+            continue
+        shared = Window(client, (values[0] or b"").decode() or None, values[1].decode(), Limits())
+        state = shared.state()
+        if state is not None:
+            found[shared.name] = state
+    return found
 
 
 def redis_url(result_backend: str, broker_url: str) -> str | None:
@@ -246,15 +276,20 @@ def redis_url(result_backend: str, broker_url: str) -> str | None:
     return None
 
 
-def client_from_url(url: str, timeout: float | None = None) -> redis.Redis | None:
+#: Socket timeout of the windows' (and the signer's) Redis connections: longer than any
+#: blocking pop they make, so a half-open connection fails in bounded time instead of hanging.
+SOCKET_TIMEOUT = 30.0
+
+
+def client_from_url(url: str, timeout: float = SOCKET_TIMEOUT) -> redis.Redis | None:
     """A Redis client for a result backend or broker URL (redis://, rediss://, Celery's socket://
     and redis+socket://); None if the URL is not Redis."""
     parts = urllib.parse.urlsplit(url)
+    options = {"socket_timeout": timeout, "socket_connect_timeout": min(timeout, 10.0), "health_check_interval": 30}
     if parts.scheme in ("redis", "rediss"):
-        return redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        return redis.Redis.from_url(url, socket_keepalive=True, **options)
     if parts.scheme in ("socket", "redis+socket"):
         query = urllib.parse.parse_qs(parts.query)
         db = int((query.get("virtual_host") or query.get("db") or ["0"])[0])
-        return redis.Redis(unix_socket_path=parts.path, db=db, socket_timeout=timeout,
-                           socket_connect_timeout=timeout)
+        return redis.Redis(unix_socket_path=parts.path, db=db, **options)
     return None

@@ -45,3 +45,36 @@ def test_counters_move_with_an_upload(metrics_url: str, worker, service_env, buc
     assert after['s3ferry_part_duration_seconds_bucket{le="+Inf"}'] == after["s3ferry_part_duration_seconds_count"]
     assert after["s3ferry_part_duration_seconds_sum"] > before["s3ferry_part_duration_seconds_sum"]
     assert "s3ferry_part_retries_total" in after and "s3ferry_parts_in_flight" in after
+
+
+def test_during_an_upload_the_counters_move_and_the_window_shows(  # type: ignore[no-untyped-def]
+        metrics_url: str, proxy_and_env, workdir: Path, bucket: str, db, tmp_path: Path) -> None:
+    import uuid
+
+    from tests.integration.helpers import FINISHED, submit, wait_status
+    from workers.window import destination_name
+
+    proxy, env = proxy_and_env
+    proxy.configure(bytes_per_second=8 * MiB)  # 40 MiB: about 5 s
+    source = tmp_path / "during.bin"
+    write_random(source, 40 * MiB)
+    worker = services.start_worker(workdir, env, f"metrics-{uuid.uuid4().hex[:4]}", concurrency=2)
+    label = f's3ferry_window{{destination="{destination_name(proxy.url, bucket)}"}}'
+    try:
+        before = scrape(metrics_url)
+        upload_id = submit(env, source, bucket)
+        during: list[dict[str, float]] = []
+        while not during or during[-1]["s3ferry_uploaded_bytes_total"] - before["s3ferry_uploaded_bytes_total"] < 10 * MiB:
+            during.append(scrape(metrics_url))
+        in_progress = during[-1]
+        assert wait_status(db, upload_id, FINISHED, timeout=120) == "complete"
+        after = scrape(metrics_url)
+    finally:
+        worker.stop()
+    moved = in_progress["s3ferry_uploaded_bytes_total"] - before["s3ferry_uploaded_bytes_total"]
+    assert 10 * MiB <= moved < 40 * MiB  # seen mid-upload, not only at the end
+    assert in_progress['s3ferry_uploads{status="in_progress"}'] >= 1
+    assert any(scrape_[label] >= 1 for scrape_ in during if label in scrape_), during[-1]
+    assert in_progress["s3ferry_window_redis_up"] == 1
+    assert after["s3ferry_uploaded_bytes_total"] - before["s3ferry_uploaded_bytes_total"] == 40 * MiB
+    assert label in after and after[label.replace("s3ferry_window{", "s3ferry_window_in_flight{")] == 0

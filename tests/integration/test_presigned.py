@@ -48,14 +48,19 @@ def test_an_upload_through_presigned_urls_that_expire_during_it_completes(  # ty
     signer = start_signer(workdir, env)
     worker = services.start_worker(workdir, without_credentials(env), f"nocreds-{uuid.uuid4().hex[:4]}",
                                    concurrency=3)
+    small = tmp_path / "small.bin"
+    small_sha256 = write_random(small, 1 * MiB + 7)  # one part: a presigned PutObject
     try:
         upload_id = submit(env, source, bucket)
         assert wait_status(db, upload_id, FINISHED, timeout=180) == UploadStatus.COMPLETE
+        small_id = submit(env, small, bucket)
+        assert wait_status(db, small_id, FINISHED, timeout=60) == UploadStatus.COMPLETE
         logs = worker.output() + signer.output()
     finally:
         worker.stop()
         signer.stop()
     assert sha256_of_object(s3, bucket, "presigned.bin") == sha256
+    assert sha256_of_object(s3, bucket, "small.bin") == small_sha256
     assert proxy.counts.expired >= 2, proxy.counts  # re-signing happened
     assert "asking for a new one" in worker.output()
     assert signer.output().count("signer: signed part") >= 12 + proxy.counts.expired

@@ -46,3 +46,24 @@ def test_backoff_grows_and_is_capped_with_jitter() -> None:
         samples = [retry.backoff(attempt, 1.0, 60.0) for _ in range(200)]
         assert all(delay / 2 <= s <= delay for s in samples)
         assert len(set(samples)) > 1
+
+
+def test_throttling_timeouts_and_connection_errors_are_congestion_other_errors_are_not() -> None:
+    def client_error(code: str, status: int) -> botocore.exceptions.ClientError:
+        return botocore.exceptions.ClientError({"Error": {"Code": code, "Message": "m"},
+                                                "ResponseMetadata": {"HTTPStatusCode": status}}, "UploadPart")
+
+    assert s3.classify(client_error("SlowDown", 503)).congestion
+    assert s3.classify(client_error("TooManyRequests", 429)).congestion
+    assert s3.classify(client_error("RequestTimeout", 400)).congestion
+    assert s3.classify(botocore.exceptions.ReadTimeoutError(endpoint_url="http://x")).congestion
+    assert s3.classify(botocore.exceptions.EndpointConnectionError(endpoint_url="http://x")).congestion
+    assert not s3.classify(client_error("InternalError", 500)).congestion
+    assert not s3.classify(client_error("AccessDenied", 403)).congestion
+
+
+def test_scrub_hides_a_presigned_urls_query() -> None:
+    from workers.signer import scrub
+
+    text = "ConnectionError: http://h:9/b/k?uploadId=u&X-Amz-Signature=abc&X-Amz-Credential=AKIA failed"
+    assert scrub(text) == "ConnectionError: http://h:9/b/k?<query hidden> failed"

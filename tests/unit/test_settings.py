@@ -61,3 +61,31 @@ def test_parse_size_rejects(text: str) -> None:
 
 def test_format_size() -> None:
     assert (format_size(0), format_size(1536), format_size(32 * MiB)) == ("0 B", "1.5 KiB", "32.0 MiB")
+
+
+FLEET = {"S3FERRY_DATABASE_URL": "sqlite:///x.db", "S3FERRY_BROKER_URL": "redis://r:6379/0"}
+
+
+def test_window_settings_are_read_and_checked() -> None:
+    settings = Settings.from_env({**FLEET, "S3FERRY_WINDOW_INITIAL": "4", "S3FERRY_WINDOW_MAX": "8",
+                                  "S3FERRY_WINDOW_TARGET_SECONDS": "12.5"})
+    assert (settings.window_initial, settings.window_min, settings.window_max) == (4, 1, 8)
+    assert settings.window_target_seconds == 12.5
+    with pytest.raises(ValueError, match=r"1 <= S3FERRY_WINDOW_MIN \(5\) <= S3FERRY_WINDOW_INITIAL \(1\)"):
+        Settings.from_env({**FLEET, "S3FERRY_WINDOW_MIN": "5"})
+    with pytest.raises(ValueError, match="S3FERRY_WINDOW_INITIAL \\(40\\) <= S3FERRY_WINDOW_MAX \\(32\\)"):
+        Settings.from_env({**FLEET, "S3FERRY_WINDOW_INITIAL": "40"})
+    with pytest.raises(ValueError, match="S3FERRY_WINDOW_LEASE_SECONDS .* must be positive"):
+        Settings.from_env({**FLEET, "S3FERRY_WINDOW_LEASE_SECONDS": "0"})
+
+
+@pytest.mark.parametrize(("raw", "value"), [("1", True), ("true", True), ("on", True), ("0", False), ("no", False)])
+def test_presigned_is_a_boolean(raw: str, value: bool) -> None:
+    assert Settings.from_env({**FLEET, "S3FERRY_PRESIGNED": raw}).presigned is value
+
+
+def test_presigned_rejects_nonsense_and_single_machine_mode(tmp_path) -> None:
+    with pytest.raises(ValueError, match="S3FERRY_PRESIGNED='maybe' is not a valid boolean"):
+        Settings.from_env({**FLEET, "S3FERRY_PRESIGNED": "maybe"})
+    with pytest.raises(ValueError, match="S3FERRY_PRESIGNED needs a fleet"):
+        Settings.from_env({"S3FERRY_HOME": str(tmp_path), "S3FERRY_PRESIGNED": "1"})
