@@ -74,7 +74,9 @@ def main() -> int:
     source = work / "source.bin"
     write_random(source, size)
     port = services.free_port()
-    env = bench_env(f"http://127.0.0.1:{port}")
+    # its own empty database and queue: nothing an interrupted run left behind takes part
+    env = {**bench_env(f"http://127.0.0.1:{port}", database="s3ferry_bench_aimd", fresh=True),
+           "S3FERRY_QUEUE": f"s3ferry-bench-aimd-{uuid.uuid4().hex[:8]}"}
     links = {"clean": {"latency": args.latency},
              "throttled": {"latency": args.latency, "slowdown_above": THROTTLE_ABOVE}}
     results: dict[str, dict[str, list[dict[str, object]]]] = {link: {name: [] for name in CONFIGS} for link in links}
@@ -100,6 +102,11 @@ def main() -> int:
                 proxy.close()
     finally:
         source.unlink()
+        broker = client_from_url(env["S3FERRY_BROKER_URL"])
+        if broker is not None:
+            queue = env["S3FERRY_QUEUE"]
+            broker.delete(queue, f"{queue}.control", *broker.keys(f"_kombu.binding.{queue}*"))
+            broker.close()
     summary = summarize(results)
     output = {"params": {"size": size, "part_size": part_size, "runs": args.runs, "latency_s": args.latency,
                          "throttle_above": THROTTLE_ABOVE, "worker_threads": THREADS,
@@ -156,14 +163,15 @@ def upload(work: Path, env: dict[str, str], proxy: FaultProxy, faults: dict[str,
         raise RuntimeError(f"s3ferry upload: {done.stderr[-2000:]}")
     engine = sa.create_engine(env["S3FERRY_DATABASE_URL"])
     with engine.connect() as connection:
-        parts, attempts, retry_count = connection.execute(sa.text(
-            "SELECT count(*), sum(p.attempts), max(u.retry_count) FROM uploads u JOIN parts p ON p.upload_id = u.id "
-            "WHERE u.key = :key"), {"key": key}).one()
+        parts, attempts, retry_count, landed = connection.execute(sa.text(
+            "SELECT count(*), sum(p.attempts), max(u.retry_count), "
+            "coalesce(sum(p.size) FILTER (WHERE p.status = 'done'), 0) FROM uploads u "
+            "JOIN parts p ON p.upload_id = u.id WHERE u.key = :key"), {"key": key}).one()
     engine.dispose()
     size = source.stat().st_size
     return {"seconds": seconds, "failed": done.stderr.strip().splitlines()[-1] if failed else None,
             "MBps": size / seconds / 1e6, "parts": parts, "retries": int(attempts) - parts,
-            "upload_retry_count": retry_count, "resent_bytes": proxy.counts.body_bytes - size,
+            "upload_retry_count": retry_count, "resent_bytes": proxy.counts.body_bytes - int(landed),  # bytes sent beyond those that landed
             "slowdowns": proxy.counts.slowdowns, "max_in_flight": proxy.counts.max_in_flight,
             "window": samples}
 

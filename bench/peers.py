@@ -286,10 +286,17 @@ def memory(tools: dict[str, Callable[[Path, str, int], Measured]], work: Path, p
     return found
 
 
-def bench_env(endpoint: str) -> dict[str, str]:
+def bench_env(endpoint: str, database: str = "s3ferry_bench", fresh: bool = False) -> dict[str, str]:
+    """The environment of a benchmark's s3ferry commands and workers; `fresh`: an empty database (no
+    upload left over from an interrupted run holds the queue)."""
     pg = os.environ.get("S3FERRY_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("S3FERRY_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
-    db_url = sa.make_url(pg).set(database="s3ferry_bench").render_as_string(hide_password=False)
+    if fresh:
+        admin = sa.create_engine(pg, isolation_level="AUTOCOMMIT")
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        admin.dispose()
+    db_url = sa.make_url(pg).set(database=database).render_as_string(hide_password=False)
     migrate.upgrade(db_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3FERRY_"))}
     env.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",

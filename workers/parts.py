@@ -124,10 +124,11 @@ def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | No
         if isinstance(error, s3.UnreachableS3Error):
             _wait_for_s3(rt, upload, part, str(error))
         elif isinstance(error, s3.TransientS3Error):
-            # Throttled while a window paces the fleet: the halved window is the backoff that
-            # matters (the retry waits for a slot in it); the part's own starts shorter.
+            # Throttled while an adaptive window paces the fleet: the halved window is the backoff
+            # that matters (the retry waits for a slot in it); the part's own starts shorter.
+            paced = outcome is not None and outcome.window.limits.low < outcome.window.limits.high
             _retry_or_fail(rt, upload, part, str(error),
-                           scale=CONGESTION_BACKOFF if outcome is not None and error.congestion else 1.0)
+                           scale=CONGESTION_BACKOFF if paced and error.congestion else 1.0)
         _fail(rt, upload, part, str(error))
     except signer.Inactive as error:  # cancelled or failed while this part waited for its URL
         with rt.db.transaction() as session:
