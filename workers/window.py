@@ -16,7 +16,9 @@ fleet shares it:
   do not halve it again. The size that met congestion is the window the refused part was
   sent under (the window may have grown meanwhile, while the refusal was on its way;
   but a part that failed long after it was sent, a timeout, takes it back no further
-  than half of the window now); it is halved, and recorded as the limit to probe slowly;
+  than half of the window now); it is halved, and recorded as the limit to probe slowly.
+  Other refusals of the same round lower that limit to the smallest window they were
+  sent under;
 - a part holds a slot while it is sent: a Redis lease that its worker renews and that
   expires when the worker dies, so a dead worker's slot comes back by itself.
 
@@ -114,6 +116,14 @@ elseif signal == 'shrink' and epoch_then == epoch then
   local met = math.min(whole, math.max(tonumber(ARGV[9]), math.ceil(whole / 2)))
   new = math.max(low, math.floor(met / 2))
   redis.call('HSET', KEYS[1], 'epoch', epoch + 1, 'ceiling', met)
+elseif signal == 'shrink' and epoch_then == epoch - 1 then
+  -- another refusal of the round that was just halved: it does not halve again, but if it was
+  -- sent under a smaller window, the limit is lower than recorded
+  local sent = math.max(tonumber(ARGV[9]), low + 1)
+  if sent < ceiling then
+    redis.call('HSET', KEYS[1], 'ceiling', sent)
+    if new >= sent then new = math.max(low, sent - 1) end
+  end
 end
 if new ~= w then
   redis.call('HSET', KEYS[1], 'window', tostring(new))

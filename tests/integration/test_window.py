@@ -210,3 +210,24 @@ def test_a_killed_workers_slot_is_freed_by_its_lease(  # type: ignore[no-untyped
         doomed.stop()
         kv.delete(*window_keys(kv, proxy, bucket))
     assert sha256_of_object(s3, bucket, "lease.bin") == sha256
+
+
+def test_other_refusals_of_a_halved_round_lower_the_limit_without_halving_again(make_window) -> None:  # type: ignore[no-untyped-def]
+    shared = make_window(initial=4, low=1, high=16)
+    early = [shared.try_acquire(f"early-{i}") for i in range(4)]  # sent under a window of 4
+    for slot in early[:3]:
+        shared.release(slot, Signal.GROW, "fast")  # slow start: 4 -> 6 (the third finds it less than half used)
+    late = [shared.try_acquire(f"late-{i}") for i in range(5)]  # sent under 6
+    assert all(late) and shared.state().window == 6
+    assert shared.release(late[-1], Signal.SHRINK, "SlowDown") == (6, 3)  # sent under 6: limit 6, halved
+    assert shared.release(early[3], Signal.SHRINK, "SlowDown") == (3, 3)  # sent under 4: limit 4, no halving
+    for slot in late[:-1]:
+        shared.release(slot, Signal.NONE, "landed slowly")
+    sizes = []
+    for n in range(3):
+        full = shared.state().window
+        slots = [shared.try_acquire(f"{n}-{j}") for j in range(full)]
+        sizes.append(shared.release(slots[0], Signal.GROW, "fast")[1])
+        for slot in slots[1:]:
+            shared.release(slot, Signal.NONE, "slow")
+    assert sizes == [3, 3, 3], sizes  # at 3 = limit 4 - 1: the slow probe, not a fast regrowth to 6

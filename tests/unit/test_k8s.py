@@ -1,0 +1,240 @@
+"""deploy/k8s: rendered as kustomize would (tests/kustomize.py), validated offline against the
+Kubernetes schemas (kubernetes-validate, strict: unknown fields are errors), and checked for
+what the design needs: real s3ferry roles, graceful shutdown, KEDA on the right queues, a PDB,
+sizing from the measured worker memory, no secret in a ConfigMap."""
+
+from __future__ import annotations
+
+import base64
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from orchestrator import cli
+from tests import kustomize
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "deploy" / "k8s"
+VERSION = "1.30.0"
+EXAMPLE_ENV = {"secrets.env": "secrets.env.example"}
+
+#: keda.sh/v1alpha1 ScaledObject, transcribed from KEDA's CRD (config/crd/bases/keda.sh_scaledobjects.yaml):
+#: the fields used here and their neighbours; unknown fields are errors, trigger metadata values strings.
+SCALED_OBJECT = {
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "keda.sh/v1alpha1"}, "kind": {"const": "ScaledObject"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object", "required": ["scaleTargetRef", "triggers"], "additionalProperties": False,
+            "properties": {
+                "scaleTargetRef": {"type": "object", "required": ["name"], "additionalProperties": False,
+                                   "properties": {"name": {"type": "string"}, "kind": {"type": "string"},
+                                                  "apiVersion": {"type": "string"},
+                                                  "envSourceContainerName": {"type": "string"}}},
+                **{name: {"type": "integer", "minimum": 0} for name in (
+                    "minReplicaCount", "maxReplicaCount", "pollingInterval", "cooldownPeriod", "idleReplicaCount",
+                    "initialCooldownPeriod")},
+                "advanced": {"type": "object"}, "fallback": {"type": "object"},
+                "triggers": {"type": "array", "minItems": 1, "items": {
+                    "type": "object", "required": ["type", "metadata"], "additionalProperties": False,
+                    "properties": {"type": {"type": "string"}, "name": {"type": "string"},
+                                   "useCachedMetrics": {"type": "boolean"}, "metricType": {"type": "string"},
+                                   "authenticationRef": {"type": "object", "required": ["name"]},
+                                   "metadata": {"type": "object", "additionalProperties": {"type": "string"}}}}},
+            },
+        },
+    },
+}
+
+#: Peak RSS of one worker process with 4 parts in flight (bench/results: 119 MiB at 32, 64, 128 MiB parts).
+WORKER_PROCESS_MIB = 119
+
+
+@pytest.fixture(scope="module", params=["base", "overlays/example"])
+def rendered(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    return kustomize.render(K8S / request.param, EXAMPLE_ENV)
+
+
+@pytest.fixture(scope="module")
+def example() -> list[dict[str, Any]]:
+    return kustomize.render(K8S / "overlays" / "example", EXAMPLE_ENV)
+
+
+def find(resources: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [r for r in resources if r["kind"] == kind and r["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind} {name}: {len(found)} found"
+    return found[0]
+
+
+def pod_spec(resource: dict[str, Any]) -> dict[str, Any]:
+    return resource["spec"]["template"]["spec"]
+
+
+def quantity_mib(text: str) -> float:
+    number, unit = re.fullmatch(r"(\d+(?:\.\d+)?)(Mi|Gi)", text).groups()  # type: ignore[union-attr]
+    return float(number) * (1024 if unit == "Gi" else 1)
+
+
+def test_every_resource_is_valid_against_the_kubernetes_schemas(rendered: list[dict[str, Any]]) -> None:
+    kinds = set()
+    for resource in rendered:
+        kinds.add(resource["kind"])
+        if resource["kind"] == "ScaledObject":
+            jsonschema.validate(resource, SCALED_OBJECT)
+        else:
+            kubernetes_validate.validate(resource, VERSION, strict=True)
+    assert {"Deployment", "Job", "ConfigMap", "PodDisruptionBudget", "ScaledObject", "Service"} <= kinds
+
+
+def test_the_validation_catches_mistakes() -> None:
+    """The checks above can fail: a misspelt field, a number where Kubernetes wants a string."""
+    worker = find(kustomize.render(K8S / "base"), "Deployment", "s3ferry-worker")
+    worker["spec"]["template"]["spec"]["terminationGracePeriod"] = 90
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(worker, VERSION, strict=True)
+    scaled = find(kustomize.render(K8S / "base"), "ScaledObject", "s3ferry-worker")
+    scaled["spec"]["triggers"][0]["metadata"]["listLength"] = 8
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(scaled, SCALED_OBJECT)
+
+
+def test_every_container_runs_a_real_s3ferry_role_with_valid_arguments(rendered: list[dict[str, Any]]) -> None:
+    parser = cli._parser()
+    roles = set()
+    for resource in rendered:
+        for container in kustomize._containers(resource):
+            assert "command" not in container  # the image's entrypoint is s3ferry
+            args = container["args"]
+            parser.parse_args(args)  # exits (fails the test) on an unknown role or option
+            roles.add(args[0] if args[0] != "db" else " ".join(args[:2]))
+    assert roles == {"worker", "beat", "flower", "metrics", "db upgrade"}
+
+
+def test_workers_shut_down_gracefully_within_the_grace_period(rendered: list[dict[str, Any]]) -> None:
+    config = find(rendered, "ConfigMap", "s3ferry")["data"]
+    worker = find(rendered, "Deployment", "s3ferry-worker")
+    spec = pod_spec(worker)
+    container = spec["containers"][0]
+    assert {"name": "REMAP_SIGTERM", "value": "SIGQUIT"} in container["env"]  # SIGTERM -> Celery's soft shutdown
+    soft = float(config["S3FERRY_SOFT_SHUTDOWN_SECONDS"])
+    assert spec["terminationGracePeriodSeconds"] >= soft + 20  # room to requeue and release claims after it
+
+
+def test_the_scaled_object_scales_the_workers_on_the_celery_queues(rendered: list[dict[str, Any]]) -> None:
+    config = find(rendered, "ConfigMap", "s3ferry")["data"]
+    scaled = find(rendered, "ScaledObject", "s3ferry-worker")["spec"]
+    assert scaled["scaleTargetRef"]["name"] == "s3ferry-worker"
+    queue = config["S3FERRY_QUEUE"]
+    assert {t["metadata"]["listName"] for t in scaled["triggers"]} == {queue, f"{queue}.control"}
+    assert all(t["type"] == "redis" for t in scaled["triggers"])
+    assert scaled["minReplicaCount"] >= 1  # completions and the reconciler need a worker even with no part queued
+    # more pods than the window can use only wait for slots
+    concurrency = int(next(a for a in pod_spec(find(rendered, "Deployment", "s3ferry-worker"))["containers"][0]["args"]
+                           if a.startswith("--concurrency=")).split("=")[1])
+    assert scaled["maxReplicaCount"] * concurrency <= 2 * int(config["S3FERRY_WINDOW_MAX"])
+
+
+def test_the_keda_redis_address_and_password_reach_the_worker_containers(example: list[dict[str, Any]]) -> None:
+    config = find(example, "ConfigMap", "s3ferry")["data"]
+    secret = find(example, "Secret", "s3ferry")["data"]
+    for trigger in find(example, "ScaledObject", "s3ferry-worker")["spec"]["triggers"]:
+        assert trigger["metadata"]["addressFromEnv"] in config
+        assert trigger["metadata"]["passwordFromEnv"] in secret
+    refs = pod_spec(find(example, "Deployment", "s3ferry-worker"))["containers"][0]["envFrom"]
+    assert {"configMapRef": {"name": "s3ferry"}} in refs and {"secretRef": {"name": "s3ferry"}} in refs
+
+
+def test_a_disruption_budget_covers_the_workers(rendered: list[dict[str, Any]]) -> None:
+    pdb = find(rendered, "PodDisruptionBudget", "s3ferry-worker")["spec"]
+    labels = find(rendered, "Deployment", "s3ferry-worker")["spec"]["template"]["metadata"]["labels"]
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    assert pdb["maxUnavailable"] == 1
+
+
+def test_worker_memory_is_sized_from_the_measured_footprint(rendered: list[dict[str, Any]]) -> None:
+    container = pod_spec(find(rendered, "Deployment", "s3ferry-worker"))["containers"][0]
+    concurrency = int(next(a for a in container["args"] if a.startswith("--concurrency=")).split("=")[1])
+    processes = concurrency + 1  # prefork: a process per part in flight, and the main process
+    request = quantity_mib(container["resources"]["requests"]["memory"])
+    limit = quantity_mib(container["resources"]["limits"]["memory"])
+    assert processes * WORKER_PROCESS_MIB <= request <= 1.5 * processes * WORKER_PROCESS_MIB
+    assert limit >= 1.5 * request
+
+
+def test_one_beat_never_two(rendered: list[dict[str, Any]]) -> None:
+    beat = find(rendered, "Deployment", "s3ferry-beat")["spec"]
+    assert beat["replicas"] == 1 and beat["strategy"]["type"] == "Recreate"
+
+
+def test_pods_run_as_non_root_without_privileges(rendered: list[dict[str, Any]]) -> None:
+    for resource in rendered:
+        if resource["kind"] not in ("Deployment", "Job"):
+            continue
+        spec = pod_spec(resource)
+        assert spec["securityContext"]["runAsNonRoot"] is True
+        for container in spec["containers"]:
+            assert container["securityContext"]["allowPrivilegeEscalation"] is False
+            assert "resources" in container and "memory" in container["resources"]["limits"]
+
+
+def test_no_secret_in_a_config_map_and_secrets_come_from_an_ignored_file(example: list[dict[str, Any]]) -> None:
+    for resource in example:
+        if resource["kind"] == "ConfigMap":
+            for key, value in resource["data"].items():
+                assert not re.search(r"PASSWORD|SECRET|ACCESS_KEY|BASIC_AUTH|DATABASE_URL|BROKER_URL", key), key
+                assert not re.search(r"://[^/@\s]*:[^@/\s]+@", value), key  # no password in a URL
+    secret = find(example, "Secret", "s3ferry")["data"]
+    decoded = {k: base64.b64decode(v).decode() for k, v in secret.items()}
+    assert {"S3FERRY_DATABASE_URL", "S3FERRY_BROKER_URL", "S3FERRY_FLOWER_BASIC_AUTH", "AWS_SECRET_ACCESS_KEY"} <= set(
+        decoded)
+    assert all("CHANGE-ME" in value for value in decoded.values())  # the example holds placeholders only
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(K8S / "overlays" / "example" / "secrets.env")],
+                             cwd=ROOT)
+    assert ignored.returncode == 0, "secrets.env must be git-ignored"
+
+
+def test_the_example_overlay_sets_the_namespace_and_the_image(example: list[dict[str, Any]]) -> None:
+    images = {c["image"] for r in example for c in kustomize._containers(r)}
+    assert images == {"registry.example.com/s3ferry:0.1.0"}
+    assert all(r["metadata"].get("namespace") == "s3ferry" for r in example if r["kind"] != "Namespace")
+    assert find(example, "PersistentVolumeClaim", "s3ferry-sources")["spec"]["accessModes"] == ["ReadWriteMany"]
+
+
+def test_the_renderer_refuses_what_it_does_not_know(tmp_path: Path) -> None:
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({"resources": [], "replicas": [{"name": "x"}]}))
+    with pytest.raises(kustomize.Unsupported, match="replicas"):
+        kustomize.render(tmp_path)
+
+
+def test_the_image_is_multi_stage_slim_and_non_root() -> None:
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+)", dockerfile, re.M)
+    assert len(stages) >= 2 and all("slim" in stage for stage in stages)
+    users = re.findall(r"^USER (\S+)", dockerfile, re.M)
+    assert users and users[-1] not in ("root", "0")
+    assert re.search(r'^ENTRYPOINT \["s3ferry"\]', dockerfile, re.M)
+    assert "REMAP_SIGTERM=SIGQUIT" in dockerfile
+    cli._parser().parse_args(["worker"])
+
+
+def test_the_grafana_dashboard_uses_only_metrics_s3ferry_exports() -> None:
+    import json
+
+    from orchestrator import metrics
+
+    source = Path(metrics.__file__).read_text()
+    exported = set(re.findall(r'"(s3ferry_[a-z_]+)"', source))
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "s3ferry.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"s3ferry_[a-z_]+", target["expr"])}
+    suffixes = ("_total", "_bucket", "_sum", "_count")
+    base = {next((n[: -len(s)] for s in suffixes if n.endswith(s) and n[: -len(s)] in exported), n) for n in used}
+    assert base <= exported, base - exported
+    assert {"s3ferry_window", "s3ferry_uploaded_bytes", "s3ferry_part_duration_seconds"} <= base
