@@ -195,12 +195,15 @@ class _Handler(BaseHTTPRequestHandler):
     do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle  # noqa: N815
 
     def _refuse(self, status: int, body: bytes, length: int) -> None:
-        if getattr(self, "_continue_pending", False):
+        closing = getattr(self, "_continue_pending", False)
+        if closing:
             self._continue_pending = False  # the client waits: it never sends the body
             self.close_connection = True
         else:
             self._discard(length)
         self.send_response(status)
+        if closing:  # so the client does not reuse a connection this side is about to close
+            self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()

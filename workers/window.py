@@ -125,10 +125,12 @@ elseif signal == 'shrink' and epoch_then == epoch - 1 then
     if new >= sent then new = math.max(low, sent - 1) end
   end
 end
+local reason = ARGV[6]
+if signal == 'shrink' and epoch_then ~= epoch then reason = 'limit lowered: ' .. reason end
 if new ~= w then
   redis.call('HSET', KEYS[1], 'window', tostring(new))
   if math.floor(new) ~= math.floor(w) then
-    redis.call('HSET', KEYS[1], 'changed_ms', now, 'reason', ARGV[6])
+    redis.call('HSET', KEYS[1], 'changed_ms', now, 'reason', reason)
   end
 end
 local free = math.floor(new) - used
