@@ -286,9 +286,9 @@ def memory(tools: dict[str, Callable[[Path, str, int], Measured]], work: Path, p
     return found
 
 
-def bench_env(endpoint: str, database: str = "s3ferry_bench", fresh: bool = False) -> dict[str, str]:
-    """The environment of a benchmark's s3ferry commands and workers; `fresh`: an empty database (no
-    upload left over from an interrupted run holds the queue)."""
+def bench_env(endpoint: str, database: str = "s3ferry_bench", fresh: bool = True) -> dict[str, str]:
+    """The environment of a benchmark's s3ferry commands and workers; `fresh`: an empty database and
+    queue (nothing left over from an interrupted run holds the queue or takes part)."""
     pg = os.environ.get("S3FERRY_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
     redis_url = os.environ.get("S3FERRY_BENCH_REDIS_URL", "redis://127.0.0.1:6379")
     if fresh:
@@ -299,6 +299,13 @@ def bench_env(endpoint: str, database: str = "s3ferry_bench", fresh: bool = Fals
     db_url = sa.make_url(pg).set(database=database).render_as_string(hide_password=False)
     migrate.upgrade(db_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3FERRY_"))}
+    if fresh:
+        import redis
+
+        broker = redis.Redis.from_url(f"{redis_url}/9")
+        broker.delete("s3ferry-bench", "s3ferry-bench.control", *broker.keys("_kombu.binding.s3ferry-bench*"),
+                      "unacked", "unacked_index")
+        broker.close()
     env.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                 "AWS_REGION": "us-east-1", "S3FERRY_DATABASE_URL": db_url, "S3FERRY_QUEUE": "s3ferry-bench",
                 "S3FERRY_BROKER_URL": f"{redis_url}/9", "S3FERRY_RESULT_BACKEND": f"{redis_url}/10",

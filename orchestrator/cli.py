@@ -175,6 +175,11 @@ def _parser() -> argparse.ArgumentParser:
     db_commands.add_parser("upgrade", help="create or migrate the schema to the newest version").set_defaults(
         run=_db_upgrade)
     db_commands.add_parser("current", help="print the schema version").set_defaults(run=_db_current)
+    check = db_commands.add_parser("check", help="exit 0 if the schema is at this version's head, else 3 "
+                                   "(for init containers: start only once migrated)")
+    check.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="keep checking (every 2 s) for up to this long")
+    check.set_defaults(run=_db_check)
     return parser
 
 
@@ -552,6 +557,28 @@ def _db_current(args: argparse.Namespace, settings: Settings) -> int:
 
     print(migrate.current(settings.database_url) or "empty (run `s3ferry db upgrade`)")
     return 0
+
+
+def _db_check(args: argparse.Namespace, settings: Settings) -> int:
+    from models import migrate
+
+    deadline = time.monotonic() + args.wait
+    while True:
+        try:
+            revision = migrate.current(settings.database_url)
+        except Exception as error:  # noqa: BLE001 - unreachable or missing database: not migrated yet
+            revision, problem = None, f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        else:
+            problem = None
+        if revision == migrate.head():
+            print(f"database at revision {revision}: up to date")
+            return 0
+        if time.monotonic() >= deadline:
+            found = problem or f"at revision {revision or 'none'}"
+            print(f"s3ferry: the database is {found}, not {migrate.head()}: run `s3ferry db upgrade`",
+                  file=sys.stderr)
+            return 3
+        time.sleep(2)
 
 
 if __name__ == "__main__":  # pragma: no cover

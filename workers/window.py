@@ -94,7 +94,7 @@ local w = tonumber(redis.call('HGET', KEYS[1], 'window'))
 if not w then  -- the window was reset (deleted) meanwhile: the next acquire starts a new one
   redis.call('LPUSH', KEYS[3], 1)
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
-  return {held, 0, 0, redis.call('ZCARD', KEYS[2])}
+  return {held, 0, 0, redis.call('ZCARD', KEYS[2]), ARGV[6]}
 end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch')) or 0
 local ceiling = tonumber(redis.call('HGET', KEYS[1], 'ceiling')) or (high + 1)
@@ -139,7 +139,7 @@ if free > 0 then
   redis.call('LTRIM', KEYS[3], 0, high - 1)
   redis.call('PEXPIRE', KEYS[3], ARGV[7])
 end
-return {held, math.floor(w), math.floor(new), used}
+return {held, math.floor(w), math.floor(new), used, reason}
 """
 
 
@@ -239,12 +239,13 @@ class Window:
     def release(self, slot: Slot, signal: Signal, reason: str) -> tuple[int, int]:
         """Give the slot back, moving the window as `signal` says; returns (before, after)."""
         lim = self.limits
-        _held, before, after, _used = self._release(
+        _held, before, after, _used, said = self._release(
             keys=list(self.keys),
             args=[slot.token, signal.value, slot.epoch, lim.low, lim.high, reason[:200], TTL_SECONDS * 1000,
                   PROBE_ROUNDS, slot.size])
         before, after = int(before), int(after)
         if before != after:
+            reason = said.decode() if isinstance(said, bytes) else str(said)  # as recorded (a lowered limit says so)
             log.info("window %s: %d -> %d (%s)", self.name, before, after, reason,
                      extra={"destination": self.name, "window": after})
         return before, after
