@@ -190,6 +190,8 @@ def _put_with_credentials(rt: Runtime, upload: Upload, part: Part, body: reader.
     except SoftTimeLimitExceeded:
         raise
     except Exception as error:
+        if body.error is not None:  # the source failed to read, whatever the HTTP library made of it
+            raise body.error from error
         raise s3.classify(error) from error
 
 
@@ -212,6 +214,10 @@ def _put_presigned(rt: Runtime, upload: Upload, part: Part, body: reader.RangeRe
                 raise s3.PermanentS3Error(f"{refused} (refused {RESIGNS + 1} fresh presigned URLs)") from None
             log.info("presigned URL refused (%s); asking for a new one", refused,
                      extra={"upload_id": str(upload.id), "part": part.part_number})
+        except s3.S3Error:
+            if body.error is not None:  # the source failed to read: not the link's fault
+                raise body.error from None
+            raise
     raise AssertionError("unreachable")
 
 

@@ -27,6 +27,9 @@ class RangeReader(io.RawIOBase):
         self._offset = offset
         self._size = size
         self._pos = 0
+        #: the last read error, kept: an HTTP library that sends the body may report it as a
+        #: connection error, and a source that fails to read is not a congested link
+        self.error: OSError | None = None
 
     def __len__(self) -> int:
         return self._size
@@ -53,9 +56,14 @@ class RangeReader(io.RawIOBase):
         if want <= 0:
             return 0
         view = memoryview(buffer).cast("B")[:want]
-        got = os.preadv(self._file.fileno(), [view], self._offset + self._pos)
+        try:
+            got = os.preadv(self._file.fileno(), [view], self._offset + self._pos)
+        except OSError as error:
+            self.error = error
+            raise
         if got == 0:
-            raise OSError(f"source ended early: expected {self._size} bytes from offset {self._offset}")
+            self.error = OSError(f"source ended early: expected {self._size} bytes from offset {self._offset}")
+            raise self.error
         self._pos += got
         return got
 
@@ -64,9 +72,14 @@ class RangeReader(io.RawIOBase):
         size = remaining if size is None or size < 0 else min(size, remaining)
         if size <= 0:
             return b""
-        data = os.pread(self._file.fileno(), size, self._offset + self._pos)
+        try:
+            data = os.pread(self._file.fileno(), size, self._offset + self._pos)
+        except OSError as error:
+            self.error = error
+            raise
         if not data:
-            raise OSError(f"source ended early: expected {self._size} bytes from offset {self._offset}")
+            self.error = OSError(f"source ended early: expected {self._size} bytes from offset {self._offset}")
+            raise self.error
         self._pos += len(data)
         return data
 

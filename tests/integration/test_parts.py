@@ -271,3 +271,24 @@ def test_an_upload_gives_up_after_its_total_retry_budget(rt: Runtime, s3_endpoin
             parts.send_part(stingy, up.upload_id, 3)
     upload, _, _ = snapshot(rt.db, up.upload_id)
     assert upload.status == UploadStatus.FAILED
+
+
+def test_a_source_that_fails_while_sent_is_a_read_error_not_a_link_error(  # type: ignore[no-untyped-def]
+        rt: Runtime, bucket: str, tmp_path: Path) -> None:
+    """A file cut short while its part is sent: botocore reports a broken connection, but the
+    error is the source's, so it must not count as congestion (which would halve the window)."""
+    from workers import reader
+
+    path = tmp_path / "cut.bin"
+    up = prepare(rt, path, bucket, 12 * MiB)
+    with rt.db.transaction() as session:
+        upload = session.get(Upload, up.upload_id)
+        part = queries.parts(session, up.upload_id)[0]
+        session.expunge_all()
+    with reader.RangeReader(path, part.offset, part.size) as body:
+        checksum = reader.crc32c_of(body)
+        with open(path, "r+b") as source:
+            source.truncate(1 * MiB)  # the part's range now ends early
+        with pytest.raises(OSError, match="source ended early") as raised:
+            parts._put_with_credentials(rt, upload, part, body, checksum)
+    assert not isinstance(raised.value, parts.s3.S3Error)
