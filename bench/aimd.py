@@ -102,11 +102,7 @@ def main() -> int:
                 proxy.close()
     finally:
         source.unlink()
-        broker = client_from_url(env["S3FERRY_BROKER_URL"])
-        if broker is not None:
-            queue = env["S3FERRY_QUEUE"]
-            broker.delete(queue, f"{queue}.control", *broker.keys(f"_kombu.binding.{queue}*"))
-            broker.close()
+        services.purge_queue(env["S3FERRY_BROKER_URL"], env["S3FERRY_QUEUE"])
     summary = summarize(results)
     output = {"params": {"size": size, "part_size": part_size, "runs": args.runs, "latency_s": args.latency,
                          "throttle_above": THROTTLE_ABOVE, "worker_threads": THREADS,

@@ -299,13 +299,8 @@ def bench_env(endpoint: str, database: str = "s3ferry_bench", fresh: bool = True
     db_url = sa.make_url(pg).set(database=database).render_as_string(hide_password=False)
     migrate.upgrade(db_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3FERRY_"))}
-    if fresh:
-        import redis
-
-        broker = redis.Redis.from_url(f"{redis_url}/9")
-        broker.delete("s3ferry-bench", "s3ferry-bench.control", *broker.keys("_kombu.binding.s3ferry-bench*"),
-                      "unacked", "unacked_index")
-        broker.close()
+    if fresh:  # db 9 is the benchmarks' own: its unacked messages are theirs too
+        services.purge_queue(f"{redis_url}/9", "s3ferry-bench", "unacked", "unacked_index")
     env.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
                 "AWS_REGION": "us-east-1", "S3FERRY_DATABASE_URL": db_url, "S3FERRY_QUEUE": "s3ferry-bench",
                 "S3FERRY_BROKER_URL": f"{redis_url}/9", "S3FERRY_RESULT_BACKEND": f"{redis_url}/10",

@@ -567,16 +567,16 @@ def _db_check(args: argparse.Namespace, settings: Settings) -> int:
         try:
             revision = migrate.current(settings.database_url)
         except Exception as error:  # noqa: BLE001 - unreachable or missing database: not migrated yet
-            revision, problem = None, f"{type(error).__name__}: {str(error).splitlines()[0]}"
+            first = str(error).splitlines()[0] if str(error) else ""
+            revision, problem = None, first if isinstance(error, S3FerryError) else f"{type(error).__name__}: {first}"
         else:
             problem = None
         if revision == migrate.head():
             print(f"database at revision {revision}: up to date")
             return 0
         if time.monotonic() >= deadline:
-            found = problem or f"at revision {revision or 'none'}"
-            print(f"s3ferry: the database is {found}, not {migrate.head()}: run `s3ferry db upgrade`",
-                  file=sys.stderr)
+            print(f"s3ferry: {problem}" if problem else f"s3ferry: the database is at revision {revision or 'none'}, "
+                  f"not {migrate.head()}: run `s3ferry db upgrade`", file=sys.stderr)
             return 3
         time.sleep(2)
 

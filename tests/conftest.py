@@ -18,7 +18,6 @@ from pathlib import Path
 
 import boto3
 import pytest
-import redis
 import sqlalchemy as sa
 
 from models import migrate
@@ -95,8 +94,7 @@ def redis_urls(redis_url: str, queue: str) -> Iterator[tuple[str, str]]:
     broker_db, backend_db = os.environ.get("S3FERRY_TEST_REDIS_DBS", "14,15").split(",")
     urls = (f"{redis_url}/{broker_db}", f"{redis_url}/{backend_db}")
     yield urls
-    broker = redis.Redis.from_url(urls[0])
-    broker.delete(queue, f"{queue}.control", *broker.keys(f"_kombu.binding.{queue}*"))
+    services.purge_queue(urls[0], queue)
 
 
 @pytest.fixture(scope="session")

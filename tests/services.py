@@ -175,3 +175,15 @@ def running(server: Server) -> Iterator[Server]:
         yield server
     finally:
         server.stop()
+
+
+def purge_queue(broker_url: str, queue: str, *also: str) -> None:
+    """Remove a Celery queue (and its control queue, and kombu's bindings of them) from a Redis
+    broker, with any other keys named in `also`."""
+    import redis
+
+    broker = redis.Redis.from_url(broker_url)
+    try:
+        broker.delete(queue, f"{queue}.control", *broker.keys(f"_kombu.binding.{queue}*"), *also)
+    finally:
+        broker.close()

@@ -208,7 +208,7 @@ def _put_presigned(rt: Runtime, upload: Upload, part: Part, body: reader.RangeRe
             raise s3.UnreachableS3Error(f"could not reach the signer through Redis: {error}") from None
         body.seek(0)
         try:
-            return signer.put(url, body, part.size)
+            return signer.put(url, body)
         except signer.Expired as refused:
             if resign == RESIGNS:
                 raise s3.PermanentS3Error(f"{refused} (refused {RESIGNS + 1} fresh presigned URLs)") from None

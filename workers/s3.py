@@ -82,6 +82,15 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
+def classify_answer(code: str, status: int, text: str) -> S3Error:
+    """An error S3 answered (its code and HTTP status), as TransientS3Error or PermanentS3Error."""
+    if code in PERMANENT_CODES:
+        return PermanentS3Error(text)
+    if code in TRANSIENT_CODES or status >= 500 or status == 429:
+        return TransientS3Error(text, congestion=code in THROTTLE_CODES or status in (429, 503))
+    return PermanentS3Error(text)
+
+
 def classify(error: BaseException) -> S3Error:
     """Map a botocore error to TransientS3Error or PermanentS3Error."""
     if isinstance(error, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError)):
@@ -90,12 +99,7 @@ def classify(error: BaseException) -> S3Error:
         return TransientS3Error(describe(error), congestion=True)
     if isinstance(error, botocore.exceptions.ClientError):
         status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-        code = error_code(error)
-        if code in PERMANENT_CODES:
-            return PermanentS3Error(describe(error))
-        if code in TRANSIENT_CODES or status >= 500 or status == 429:
-            return TransientS3Error(describe(error), congestion=code in THROTTLE_CODES or status in (429, 503))
-        return PermanentS3Error(describe(error))
+        return classify_answer(error_code(error), status, describe(error))
     if isinstance(error, botocore.exceptions.NoCredentialsError):
         return PermanentS3Error("no AWS credentials found (set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE)")
     return PermanentS3Error(describe(error))

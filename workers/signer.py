@@ -140,7 +140,7 @@ class Expired(s3.TransientS3Error):
     """The URL was refused as expired (or denied): ask for a new one; not a failure."""
 
 
-def put(presigned: Presigned, body: object, size: int) -> dict[str, str]:
+def put(presigned: Presigned, body: object) -> dict[str, str]:
     """PUT the body to the URL; returns {'ETag': ..., 'ChecksumCRC32C': ...}. Raises an S3Error
     (Expired for 403 AccessDenied / expired) whose message never holds the URL."""
     try:
@@ -161,12 +161,7 @@ def put(presigned: Presigned, body: object, size: int) -> dict[str, str]:
     text = scrub(f"{code or response.status}: {message}".strip().rstrip(":"))
     if response.status == 403 and (code in ("AccessDenied", "") or "expired" in message.lower()):
         raise Expired(text)
-    congestion = code in s3.THROTTLE_CODES or response.status in (429, 503)
-    if code in s3.PERMANENT_CODES:
-        raise s3.PermanentS3Error(text)
-    if code in s3.TRANSIENT_CODES or response.status >= 500 or response.status == 429:
-        raise s3.TransientS3Error(text, congestion=congestion)
-    raise s3.PermanentS3Error(text)
+    raise s3.classify_answer(code, response.status, text)
 
 
 def _error_of(body: bytes) -> tuple[str, str]:
@@ -184,7 +179,6 @@ class Signer:
     def __init__(self, settings: Settings, client: redis.Redis, db: Database) -> None:
         self.settings, self.client, self.db = settings, client, db
         self.stop = threading.Event()
-        self.signed = 0
         self._clients: dict[str | None, object] = {}
         self._lock = threading.Lock()
 
@@ -254,7 +248,6 @@ class Signer:
             params.update(UploadId=s3_upload_id, PartNumber=number)
         url = self._client(endpoint).generate_presigned_url(operation, Params=params,
                                                             ExpiresIn=self.settings.presign_expiry_seconds)
-        self.signed += 1
         log.info("signer: signed part %d", number, extra={"upload_id": str(upload_id), "part": number})
         return {"url": url, "headers": {"Content-Length": str(size), "x-amz-checksum-crc32c": checksum}}
 

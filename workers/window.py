@@ -174,7 +174,6 @@ class Slot:
     token: str
     epoch: int
     size: int  # the window's size when it was granted
-    acquired: float  # time.monotonic()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,9 +182,6 @@ class State:
     in_flight: int
     reason: str
     changed_at: float | None  # Unix time
-
-    def as_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
 
 
 def destination_name(endpoint_url: str | None, bucket: str) -> str:
@@ -216,7 +212,7 @@ class Window:
             keys=[*self.keys[:2], INDEX],
             args=[token, lim.initial, lim.low, lim.high, int(lim.lease_seconds * 1000), self.endpoint, self.bucket,
                   TTL_SECONDS * 1000])
-        return Slot(token, int(epoch), int(size), time.monotonic()) if granted else None
+        return Slot(token, int(epoch), int(size)) if granted else None
 
     def acquire(self, token: str, wait_seconds: float) -> Slot | None:
         """A slot, waiting up to `wait_seconds` for one (woken by releases; re-checked each second,

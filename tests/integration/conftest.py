@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from tests import services
 from tests.http_faults import FaultProxy
 
 
@@ -20,9 +21,7 @@ def proxy_and_env(service_env: dict[str, str], s3_endpoint: str,
     queue = f"s3ferry-window-{uuid.uuid4().hex[:8]}"
     yield proxy, {**service_env, "AWS_ENDPOINT_URL": proxy.url, "S3FERRY_QUEUE": queue}
     proxy.close()
-    broker = redis.Redis.from_url(redis_urls[0])
-    broker.delete(queue, f"{queue}.control", *broker.keys(f"_kombu.binding.{queue}*"))
-    broker.close()
+    services.purge_queue(redis_urls[0], queue)
     backend = redis.Redis.from_url(redis_urls[1])
     backend.delete(f"s3ferry:sign:{queue}:requests")
     backend.close()
