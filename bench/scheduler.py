@@ -10,6 +10,7 @@ its lock) and prints the query plans.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import random
 import statistics
@@ -25,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from models import migrate  # noqa: E402
 from models.db import Database  # noqa: E402
-from models.tables import Upload, utcnow  # noqa: E402
+from models.tables import Upload  # noqa: E402
 from orchestrator import scheduler  # noqa: E402
 from tests.conftest import drop_database  # noqa: E402
 
@@ -40,7 +41,7 @@ def main() -> int:
     db = Database(url.render_as_string(hide_password=False))
     try:
         rng = random.Random(1)
-        now = utcnow()
+        now = dt.datetime.now(dt.UTC)  # fixed timestamps for the benchmark rows
         rows = [{"id": uuid.uuid4(), "source_uri": f"file:///data/{i}.bin", "source_size": 1, "source_mtime_ns": 1,
                  "source_inode": i, "bucket": "bench", "key": f"k/{i}", "part_size": 32 << 20, "total_parts": 1,
                  "status": "queued", "priority": rng.randint(0, 9), "max_retries": 8, "retry_count": 0,

@@ -8,9 +8,12 @@ itself, so they never pass through s3ferry's own objects, messages or tables.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Mapping
+
+from models import exceptions
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -26,6 +29,58 @@ DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
 
 #: Set by from_env(), never read from the environment.
 _DERIVED = ("local",)
+
+
+class SettingsError(exceptions.UserError, ValueError):
+    """A setting is invalid; nothing was started."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric setting may take: `low` (excluded if `above`) to `high`, finite."""
+
+    low: float
+    high: float
+    unit: str = ""
+    above: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if (isinstance(value, float) and not math.isfinite(value)) or value > self.high:
+            return False
+        return value > self.low if self.above else value >= self.low
+
+    def __str__(self) -> str:
+        low, high = _amount(self.low, self.unit if self.unit == "bytes" else ""), _amount(self.high, self.unit)
+        return f"more than {low} and at most {high}" if self.above else f"from {low} to {high}"
+
+
+#: Every numeric setting's range (checked at start; the relations between settings come after).
+RANGES = {
+    "part_size": Range(5 * MiB, 5 * GiB, "bytes"),  # S3's limits
+    "max_active_uploads": Range(1, 100_000),
+    "max_retries": Range(0, 1000),
+    "max_upload_retries": Range(0, 1_000_000),
+    "lease_seconds": Range(10, 86400, "seconds"),
+    "stall_seconds": Range(1, 7 * 86400, "seconds"),
+    "reconcile_interval": Range(1, 86400, "seconds"),
+    "sweep_after_seconds": Range(60, 10 * 365 * 86400, "seconds"),
+    "soft_shutdown_seconds": Range(0, 86400, "seconds"),
+    "retry_backoff_base": Range(0, 86400, "seconds", above=True),
+    "retry_backoff_max": Range(0, 86400, "seconds", above=True),
+    "window_initial": Range(1, 10_000),
+    "window_min": Range(1, 10_000),
+    "window_max": Range(1, 10_000),
+    "window_target_seconds": Range(0, 86400, "seconds", above=True),
+    "window_lease_seconds": Range(1, 3600, "seconds"),
+    "window_wait_seconds": Range(0.1, 3600, "seconds"),
+    "presign_expiry_seconds": Range(1, 7 * 86400, "seconds"),  # SigV4's maximum
+    "heartbeat_seconds": Range(0.1, 60, "seconds"),
+    "liveness_seconds": Range(0.2, 86400, "seconds"),
+    "recovery_interval": Range(0.5, 300, "seconds"),
+}
+
+#: A Celery queue name that Redis, RabbitMQ (AMQP: at most 255 bytes) and a log line all take as is.
+QUEUE_NAME = re.compile(r"[A-Za-z0-9._:-]{1,200}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +139,15 @@ class Settings:
     #: each part's UploadPart URL when asked, valid for presign_expiry_seconds.
     presigned: bool = False
     presign_expiry_seconds: int = 300
+    #: How often each worker process stamps its liveness record in the database.
+    heartbeat_seconds: float = 2.0
+    #: A worker process whose liveness record is older than this is dead: its claims are
+    #: released and its parts dispatched again. At least twice heartbeat_seconds, less than
+    #: lease_seconds.
+    liveness_seconds: float = 6.0
+    #: How often every worker runs the light recovery pass (dead holders' claims, lost
+    #: dispatches), one pass at a time fleet-wide.
+    recovery_interval: float = 2.0
     #: Single-machine mode's data folder (SQLite state, the private Redis server, logs).
     #: Default: the user's data folder, e.g. ~/.local/share/s3ferry.
     home: str = ""
@@ -92,21 +156,31 @@ class Settings:
     local: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_active_uploads < 1:
-            raise ValueError(f"S3FERRY_MAX_ACTIVE_UPLOADS ({self.max_active_uploads}) must be at least 1")
+        for name, allowed in RANGES.items():
+            _check_range(name, getattr(self, name), allowed, type(_DEFAULTS[name]))
+        if not QUEUE_NAME.fullmatch(self.queue):
+            raise SettingsError(f"S3FERRY_QUEUE ({_short(repr(self.queue))}) is not a valid queue name: 1 to 200 "
+                                "characters of A-Z a-z 0-9 . _ : - (no spaces or newlines)")
+        self._check_relations()
+
+    def _check_relations(self) -> None:
         if not self.stall_seconds > max(self.lease_seconds, self.retry_backoff_max):
-            raise ValueError(
+            raise SettingsError(
                 f"S3FERRY_STALL_SECONDS ({self.stall_seconds}) must be longer than S3FERRY_LEASE_SECONDS "
                 f"({self.lease_seconds}) and S3FERRY_RETRY_BACKOFF_MAX ({self.retry_backoff_max}): "
                 "otherwise healthy uploads look stalled")
-
-        if not 1 <= self.window_min <= self.window_initial <= self.window_max:
-            raise ValueError(
+        if not self.retry_backoff_base <= self.retry_backoff_max:
+            raise SettingsError(f"S3FERRY_RETRY_BACKOFF_BASE ({self.retry_backoff_base}) must be at most "
+                                f"S3FERRY_RETRY_BACKOFF_MAX ({self.retry_backoff_max})")
+        if not self.window_min <= self.window_initial <= self.window_max:
+            raise SettingsError(
                 f"the window settings must satisfy 1 <= S3FERRY_WINDOW_MIN ({self.window_min}) <= "
                 f"S3FERRY_WINDOW_INITIAL ({self.window_initial}) <= S3FERRY_WINDOW_MAX ({self.window_max})")
-        for name in ("window_target_seconds", "window_lease_seconds", "presign_expiry_seconds"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"S3FERRY_{name.upper()} ({getattr(self, name)}) must be positive")
+        if not 2 * self.heartbeat_seconds <= self.liveness_seconds < self.lease_seconds:
+            raise SettingsError(
+                f"S3FERRY_LIVENESS_SECONDS ({self.liveness_seconds}) must be at least twice S3FERRY_HEARTBEAT_SECONDS "
+                f"({self.heartbeat_seconds}) and less than S3FERRY_LEASE_SECONDS ({self.lease_seconds}): "
+                "otherwise live workers look dead, or dead ones keep their claims")
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={mask_password(str(getattr(self, f.name)))!r}" if f.name.endswith(("_url", "backend"))
@@ -126,16 +200,19 @@ class Settings:
         given = [name for name in ("database_url", "broker_url") if name in values]
         if not given:
             if values.get("presigned"):
-                raise ValueError("S3FERRY_PRESIGNED needs a fleet (S3FERRY_DATABASE_URL and S3FERRY_BROKER_URL): "
-                                 "on one machine the workers use this machine's credentials")
+                raise SettingsError("S3FERRY_PRESIGNED needs a fleet (S3FERRY_DATABASE_URL and S3FERRY_BROKER_URL): "
+                                    "on one machine the workers use this machine's credentials")
             values.update(local_urls(str(values["home"])), local=True)
         elif len(given) == 1:
             missing = "broker_url" if given == ["database_url"] else "database_url"
-            raise ValueError(f"S3FERRY_{given[0].upper()} is set but S3FERRY_{missing.upper()} is not: set both "
-                             "(a worker fleet) or neither (single-machine mode, state in S3FERRY_HOME)")
+            raise SettingsError(f"S3FERRY_{given[0].upper()} is set but S3FERRY_{missing.upper()} is not: set both "
+                                "(a worker fleet) or neither (single-machine mode, state in S3FERRY_HOME)")
         elif "result_backend" not in values and str(values["broker_url"]).startswith(("redis://", "rediss://")):
             values["result_backend"] = values["broker_url"]  # chord counters beside the queue
         return cls(**values)
+
+
+_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Settings)}
 
 
 def default_home() -> str:
@@ -182,14 +259,42 @@ def _parse(name: str, raw: str, kind: type) -> object:
     if kind is bool:
         lowered = raw.strip().lower()
         if lowered not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-            raise ValueError(f"S3FERRY_{name.upper()}={raw!r} is not a valid boolean (use 1 or 0)")
+            raise SettingsError(f"S3FERRY_{name.upper()}={raw!r} is not a valid boolean (use 1 or 0)")
         return lowered in ("1", "true", "yes", "on")
-    if name == "part_size":
-        return parse_size(raw)
     try:
-        return kind(raw)
+        value = parse_size(raw) if name == "part_size" else kind(raw.strip())
     except ValueError:
-        raise ValueError(f"S3FERRY_{name.upper()}={raw!r} is not a valid {kind.__name__}") from None
+        value = None
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        what = "a valid size" if name == "part_size" else "a whole number" if kind is int else "a finite number"
+        raise SettingsError(f"S3FERRY_{name.upper()}={_short(repr(raw))} is not {what}: it must be {RANGES[name]}")
+    return value
+
+
+def _check_range(name: str, value: object, allowed: Range, kind: type) -> None:
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    if whole or (kind is float and isinstance(value, float)):
+        if value in allowed:
+            return
+        problem = f"must be {allowed}"
+    else:
+        problem = f"must be {'a whole number' if kind is int else 'a number'} {allowed}"
+    sized = allowed.unit == "bytes" and whole and 0 <= value < 2**63  # type: ignore[operator]
+    shown = format_size(value) if sized else repr(value)  # type: ignore[arg-type]
+    raise SettingsError(f"S3FERRY_{name.upper()} ({_short(shown)}) {problem}")
+
+
+def _short(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _amount(value: float, unit: str) -> str:
+    """5 MiB, 86400 seconds, 0.1 seconds, 1000."""
+    if unit == "bytes":
+        scale, name = next((s, n) for s, n in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB"), (1, "B")) if value % s == 0)
+        return f"{int(value // scale)} {name}"
+    number = f"{int(value)}" if value == int(value) else f"{value:g}"
+    return f"{number} {unit}".rstrip()
 
 
 def parse_size(text: str) -> int:
@@ -198,12 +303,14 @@ def parse_size(text: str) -> int:
     number = cleaned.rstrip("abcdefghijklmnopqrstuvwxyz")
     unit = cleaned[len(number):]
     try:
-        value = float(number)
-    except ValueError:
-        raise ValueError(f"invalid size {text!r}: expected a number with an optional unit, like 32MiB") from None
-    if unit not in _UNITS or value < 0:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        value = -1.0
+    if not value >= 0:
         raise ValueError(f"invalid size {text!r}: expected a number with an optional unit, like 32MiB")
-    return int(value * _UNITS[unit])
+    if not value < 2**63:  # 1e400 is inf: int() would raise OverflowError
+        raise ValueError(f"invalid size {text!r}: too large (S3's largest object is 5 TiB)")
+    return int(value)
 
 
 def format_size(n: float) -> str:

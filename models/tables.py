@@ -12,6 +12,7 @@ import uuid
 import sqlalchemy as sa
 from sqlalchemy import orm
 
+from models import clock
 from models.states import PartStatus, UploadStatus
 
 #: SQLite only auto-increments an INTEGER PRIMARY KEY.
@@ -24,10 +25,6 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 class Base(orm.DeclarativeBase):
@@ -65,14 +62,16 @@ class Upload(Base):
     total_parts: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     status: orm.Mapped[UploadStatus] = orm.mapped_column(_status(UploadStatus), default=UploadStatus.QUEUED)
     priority: orm.Mapped[int] = orm.mapped_column(sa.Integer, default=0)
+    #: the Celery queue it was submitted to: the fleet consuming that queue sends and recovers it
+    queue: orm.Mapped[str] = orm.mapped_column(sa.String(200), default="s3ferry", server_default="s3ferry")
     # retry metadata
     max_retries: orm.Mapped[int] = orm.mapped_column(sa.Integer)
     retry_count: orm.Mapped[int] = orm.mapped_column(sa.Integer, default=0)
     last_retry_at: orm.Mapped[dt.datetime | None]
     last_error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
     # timestamps
-    created_at: orm.Mapped[dt.datetime] = orm.mapped_column(default=utcnow)
-    updated_at: orm.Mapped[dt.datetime] = orm.mapped_column(default=utcnow)
+    created_at: orm.Mapped[dt.datetime] = orm.mapped_column(default=clock.now())
+    updated_at: orm.Mapped[dt.datetime] = orm.mapped_column(default=clock.now())
     started_at: orm.Mapped[dt.datetime | None]
     finished_at: orm.Mapped[dt.datetime | None]
     #: when parts were last dispatched (the reconciler's ticket)
@@ -81,6 +80,8 @@ class Upload(Base):
     s3_aborted_at: orm.Mapped[dt.datetime | None]
     #: the object's ETag once complete
     etag: orm.Mapped[str | None] = orm.mapped_column(sa.String(128))
+    #: the worker process completing it (while completing): if it dies, any worker sees it
+    completer: orm.Mapped[str | None] = orm.mapped_column(sa.String(255))
 
     __table_args__ = (
         sa.Index("ix_uploads_status_priority_created", "status", "priority", "created_at"),
@@ -103,7 +104,7 @@ class Part(Base):
     checksum: orm.Mapped[str | None] = orm.mapped_column(sa.String(64))
     attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, default=0)
     last_error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
-    #: who holds the claim while in_flight, and until when
+    #: who holds the claim while in_flight (a worker process: see WorkerProcess), and until when
     worker: orm.Mapped[str | None] = orm.mapped_column(sa.String(255))
     lease_expires_at: orm.Mapped[dt.datetime | None]
     started_at: orm.Mapped[dt.datetime | None]
@@ -126,4 +127,20 @@ class UploadEvent(Base):
     from_status: orm.Mapped[str | None] = orm.mapped_column(sa.String(16))
     to_status: orm.Mapped[str] = orm.mapped_column(sa.String(16))
     reason: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
-    at: orm.Mapped[dt.datetime] = orm.mapped_column(default=utcnow)
+    at: orm.Mapped[dt.datetime] = orm.mapped_column(default=clock.now())
+
+
+class WorkerProcess(Base):
+    """A worker process's liveness: stamped every few seconds by its heartbeat (the database's
+    clock). A claim whose holder's record has expired belongs to a dead process."""
+
+    __tablename__ = "workers"
+
+    #: the process's worker id (`host:node:pid`), as it names its claims (parts.worker)
+    id: orm.Mapped[str] = orm.mapped_column(sa.String(255), primary_key=True)
+    started_at: orm.Mapped[dt.datetime] = orm.mapped_column(default=clock.now())
+    beat_at: orm.Mapped[dt.datetime] = orm.mapped_column(default=clock.now())
+    #: dead after this unless it beats again
+    expires_at: orm.Mapped[dt.datetime]
+
+    __table_args__ = (sa.Index("ix_workers_expires_at", "expires_at"),)

@@ -10,7 +10,6 @@ transaction (`Database.transaction()`); nothing here commits.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import enum
 import uuid
 from collections.abc import Sequence
@@ -18,9 +17,10 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy import orm
 
+from models import clock, liveness
 from models.exceptions import InvalidTransition, UploadNotFound
 from models.states import PART_MOVES, UPLOAD_MOVES, PartStatus, UploadStatus
-from models.tables import Part, Upload, UploadEvent, utcnow
+from models.tables import Part, Upload, UploadEvent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,9 +54,8 @@ def create_upload(session: orm.Session, upload: Upload, parts: Sequence[PartSpec
 
 def start_upload(session: orm.Session, upload_id: uuid.UUID, s3_upload_id: str | None, reason: str) -> None:
     """The upload starts: its parts are dispatched right after this commits."""
-    now = utcnow()
     _move_upload(session, upload_id, UploadStatus.IN_PROGRESS, reason,
-                 s3_upload_id=s3_upload_id, started_at=now, dispatched_at=now)
+                 s3_upload_id=s3_upload_id, started_at=clock.now(), dispatched_at=clock.now())
 
 
 def pause(session: orm.Session, upload_id: uuid.UUID, reason: str) -> UploadStatus:
@@ -70,7 +69,7 @@ def requeue(session: orm.Session, upload_id: uuid.UUID, reason: str) -> UploadSt
 
 
 def cancel(session: orm.Session, upload_id: uuid.UUID, reason: str) -> UploadStatus:
-    return _move_upload(session, upload_id, UploadStatus.CANCELLED, reason, finished_at=utcnow())
+    return _move_upload(session, upload_id, UploadStatus.CANCELLED, reason, finished_at=clock.now())
 
 
 def retry_failed(session: orm.Session, upload_id: uuid.UUID, reason: str) -> bool:
@@ -84,8 +83,7 @@ def retry_failed(session: orm.Session, upload_id: uuid.UUID, reason: str) -> boo
     _move_upload(session, upload_id, UploadStatus.QUEUED, reason, retry_count=0, last_retry_at=None,
                  finished_at=None, **({} if kept else {"s3_upload_id": None, "s3_aborted_at": None}))
     # Parts still being sent keep their live claims: they must not be sent twice at once.
-    live = sa.and_(Part.status == PartStatus.IN_FLIGHT, Part.lease_expires_at >= utcnow())
-    reset = sa.update(Part).where(Part.upload_id == upload_id, sa.not_(live))
+    reset = sa.update(Part).where(Part.upload_id == upload_id, sa.not_(live_claim()))
     if kept:
         reset = reset.where(Part.status != PartStatus.DONE)
     session.execute(reset.values(status=PartStatus.PENDING, attempts=0, worker=None, lease_expires_at=None,
@@ -98,7 +96,7 @@ def set_priority(session: orm.Session, upload_id: uuid.UUID, priority: int) -> N
     if upload.status in (UploadStatus.COMPLETE, UploadStatus.CANCELLED):
         raise InvalidTransition(f"upload {upload_id} is {upload.status}: its priority no longer matters")
     session.execute(sa.update(Upload).where(Upload.id == upload_id)
-                    .values(priority=priority, updated_at=utcnow()))
+                    .values(priority=priority, updated_at=clock.now()))
     _record(session, upload_id, upload.status, upload.status, f"priority {upload.priority} -> {priority}")
 
 
@@ -107,26 +105,31 @@ def set_multipart(session: orm.Session, upload_id: uuid.UUID, s3_upload_id: str)
     recorded = session.execute(
         sa.update(Upload).where(Upload.id == upload_id, Upload.s3_upload_id.is_(None),
                                 Upload.status == UploadStatus.IN_PROGRESS)
-        .values(s3_upload_id=s3_upload_id, s3_aborted_at=None, updated_at=utcnow()).returning(Upload.id)
+        .values(s3_upload_id=s3_upload_id, s3_aborted_at=None, updated_at=clock.now()).returning(Upload.id)
     ).first()
     return recorded is not None
 
 
-def touch(session: orm.Session, upload_id: uuid.UUID) -> None:
-    """Something happened to the upload (a completion attempt): it is not stalled."""
-    session.execute(sa.update(Upload).where(Upload.id == upload_id).values(updated_at=utcnow()))
+def touch(session: orm.Session, upload_id: uuid.UUID, completer: str | None = None) -> None:
+    """Something happened to the upload (a completion attempt, by `completer`): it is not stalled."""
+    values: dict[str, object] = {"updated_at": clock.now()}
+    if completer is not None:
+        values["completer"] = completer
+    session.execute(sa.update(Upload).where(Upload.id == upload_id).values(**values))
 
 
-def begin_completing(session: orm.Session, upload_id: uuid.UUID, reason: str) -> None:
-    _move_upload(session, upload_id, UploadStatus.COMPLETING, reason)
+def begin_completing(session: orm.Session, upload_id: uuid.UUID, reason: str, completer: str | None = None) -> None:
+    """The upload is being completed in S3 by the worker process `completer` (if it dies, the
+    recovery pass dispatches the completion again)."""
+    _move_upload(session, upload_id, UploadStatus.COMPLETING, reason, completer=completer)
 
 
 def mark_complete(session: orm.Session, upload_id: uuid.UUID, etag: str | None, reason: str) -> None:
-    _move_upload(session, upload_id, UploadStatus.COMPLETE, reason, etag=etag, finished_at=utcnow())
+    _move_upload(session, upload_id, UploadStatus.COMPLETE, reason, etag=etag, finished_at=clock.now())
 
 
 def fail_upload(session: orm.Session, upload_id: uuid.UUID, error: str) -> None:
-    _move_upload(session, upload_id, UploadStatus.FAILED, error, last_error=error, finished_at=utcnow())
+    _move_upload(session, upload_id, UploadStatus.FAILED, error, last_error=error, finished_at=clock.now())
 
 
 def _move_upload(session: orm.Session, upload_id: uuid.UUID, to: UploadStatus, reason: str,
@@ -138,7 +141,7 @@ def _move_upload(session: orm.Session, upload_id: uuid.UUID, to: UploadStatus, r
     moved = session.execute(
         sa.update(Upload)
         .where(Upload.id == upload_id, Upload.status.in_(allowed))
-        .values(status=to, updated_at=utcnow(), **values)
+        .values(status=to, updated_at=clock.now(), **values)
         .returning(Upload.id)
     ).first()
     if moved is None:  # pragma: no cover - the row lock makes this unreachable
@@ -167,31 +170,31 @@ class Claim:
 def would_claim(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str) -> tuple[bool, Upload]:
     """Whether claim_part would claim the part now (read-only, no locks: a hint that may be stale
     by the time of the claim), and the upload."""
-    upload = session.get(Upload, upload_id)
-    part = session.get(Part, (upload_id, number))
-    if upload is None or part is None:
+    row = session.execute(sa.select(Upload, Part.status, Part.worker, live_claim().label("live"))
+                          .join(Part, Part.upload_id == Upload.id)
+                          .where(Upload.id == upload_id, Part.part_number == number)).first()
+    if row is None:
         raise InvalidTransition(f"no part {number} of upload {upload_id}")
-    held = part.status == PartStatus.IN_FLIGHT and part.worker != worker and not _expired(part.lease_expires_at,
-                                                                                           utcnow())
-    return (part.status != PartStatus.DONE and upload.status == UploadStatus.IN_PROGRESS and not held), upload
+    upload, status, holder, live = row
+    held = bool(live) and holder != worker
+    return (status != PartStatus.DONE and upload.status == UploadStatus.IN_PROGRESS and not held), upload
 
 
 def claim_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
                lease_seconds: float) -> Claim:
     """Claim a part before reading any byte of it: pending, failed, or in flight with an expired lease."""
     upload = _lock_upload(session, upload_id, write=False)
-    part = _lock_part(session, upload_id, number)
-    now = utcnow()
+    part, lapse = _lock_part_and_claim(session, upload_id, number)
     if part.status == PartStatus.DONE:
         return Claim(ClaimOutcome.DONE, part, upload)
     if upload.status != UploadStatus.IN_PROGRESS:
         return Claim(ClaimOutcome.INACTIVE, part, upload)
-    if part.status == PartStatus.IN_FLIGHT and part.worker != worker and not _expired(part.lease_expires_at, now):
+    if lapse is None and part.worker != worker:
         return Claim(ClaimOutcome.HELD, part, upload)
-    reason = "claimed" if part.status != PartStatus.IN_FLIGHT else f"lease of {part.worker} expired; reclaimed"
+    reason = "claimed" if part.status != PartStatus.IN_FLIGHT else f"{lapse}; reclaimed"
     claimed = _move_part(session, part, PartStatus.IN_FLIGHT, f"{reason} by {worker}",
-                         worker=worker, lease_expires_at=now + dt.timedelta(seconds=lease_seconds),
-                         started_at=now, attempts=Part.attempts + 1)
+                         worker=worker, lease_expires_at=clock.now(lease_seconds),
+                         started_at=clock.now(), attempts=Part.attempts + 1)
     return Claim(ClaimOutcome.CLAIMED, claimed, upload)
 
 
@@ -202,7 +205,7 @@ def renew_lease(session: orm.Session, upload_id: uuid.UUID, number: int, worker:
         sa.update(Part)
         .where(Part.upload_id == upload_id, Part.part_number == number, Part.status == PartStatus.IN_FLIGHT,
                Part.worker == worker)
-        .values(lease_expires_at=utcnow() + dt.timedelta(seconds=lease_seconds))
+        .values(lease_expires_at=clock.now(lease_seconds))
         .returning(Part.part_number)
     ).first()
     return renewed is not None
@@ -218,17 +221,16 @@ def finish_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker:
     recording nothing, when another worker holds a live claim on the part.
     """
     _lock_upload(session, upload_id, write=False)
-    part = _lock_part(session, upload_id, number)
+    part, lapse = _lock_part_and_claim(session, upload_id, number)
     if part.status == PartStatus.DONE:
         if same_etag(part.etag, etag):
             return part
         raise InvalidTransition(f"part {number} of upload {upload_id} is done with ETag {part.etag}, not {etag}")
-    held_by_other = (part.status == PartStatus.IN_FLIGHT and part.worker != worker
-                     and not _expired(part.lease_expires_at, utcnow()))
+    held_by_other = part.status == PartStatus.IN_FLIGHT and part.worker != worker and lapse is None
     if held_by_other or part.status == PartStatus.FAILED:
         return None
     return _move_part(session, part, PartStatus.DONE, reason, etag=etag, checksum=checksum,
-                      worker=None, lease_expires_at=None, finished_at=utcnow(), last_error=None)
+                      worker=None, lease_expires_at=None, finished_at=clock.now(), last_error=None)
 
 
 def same_etag(a: str | None, b: str | None) -> bool:
@@ -248,10 +250,9 @@ def release_for_retry(session: orm.Session, upload_id: uuid.UUID, number: int, w
     part = _lock_part(session, upload_id, number)
     if part.status != PartStatus.IN_FLIGHT or part.worker != worker:
         return None
-    now = utcnow()
-    values: dict[str, object] = {"last_error": error, "updated_at": now}
+    values: dict[str, object] = {"last_error": error, "updated_at": clock.now()}
     if counted:
-        values.update(retry_count=Upload.retry_count + 1, last_retry_at=now)
+        values.update(retry_count=Upload.retry_count + 1, last_retry_at=clock.now())
     session.execute(sa.update(Upload).where(Upload.id == upload_id).values(**values))
     return _move_part(session, part, PartStatus.PENDING, f"{'retry' if counted else 'released'}: {error}",
                       worker=None, lease_expires_at=None, last_error=error,
@@ -277,22 +278,21 @@ def fail_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: s
     if part.status != PartStatus.IN_FLIGHT or part.worker != worker:
         return None
     return _move_part(session, part, PartStatus.FAILED, error, worker=None, lease_expires_at=None,
-                      last_error=error, finished_at=utcnow())
+                      last_error=error, finished_at=clock.now())
 
 
-def release_expired(session: orm.Session, upload_id: uuid.UUID) -> list[int]:
-    """Parts in flight whose lease ran out (their worker died or hangs) go back to pending."""
+def release_lapsed(session: orm.Session, upload_id: uuid.UUID) -> list[int]:
+    """Parts in flight whose holder is dead (its liveness record expired) or whose lease ran
+    out (it hangs) go back to pending; returns their numbers."""
     _lock_upload(session, upload_id, write=True)
-    now = utcnow()
-    expired = session.scalars(
-        sa.select(Part).where(Part.upload_id == upload_id, Part.status == PartStatus.IN_FLIGHT,
-                              Part.lease_expires_at < now)
-        .order_by(Part.part_number).with_for_update().execution_options(populate_existing=True)
+    lapsed = session.execute(
+        sa.select(Part, _lapse()).where(Part.upload_id == upload_id, Part.status == PartStatus.IN_FLIGHT,
+                                        sa.not_(live_claim()))
+        .order_by(Part.part_number).with_for_update(of=Part).execution_options(populate_existing=True)
     ).all()
-    for part in expired:
-        _move_part(session, part, PartStatus.PENDING, f"lease of {part.worker} expired", worker=None,
-                   lease_expires_at=None)
-    return [part.part_number for part in expired]
+    for part, lapse in lapsed:
+        _move_part(session, part, PartStatus.PENDING, lapse or "claim lapsed", worker=None, lease_expires_at=None)
+    return [part.part_number for part, _ in lapsed]
 
 
 def adopt_part(session: orm.Session, upload_id: uuid.UUID, number: int, etag: str, checksum: str | None,
@@ -300,25 +300,26 @@ def adopt_part(session: orm.Session, upload_id: uuid.UUID, number: int, etag: st
     """Record a part that S3 lists and whose bytes we verified, though no worker recorded it
     (it landed, then the database write was lost). None if a worker holds a live claim on it."""
     _lock_upload(session, upload_id, write=False)
-    part = _lock_part(session, upload_id, number)
+    part, lapse = _lock_part_and_claim(session, upload_id, number)
     if part.status == PartStatus.DONE:
         return part
-    if part.status == PartStatus.IN_FLIGHT and not _expired(part.lease_expires_at, utcnow()):
+    if part.status == PartStatus.IN_FLIGHT and lapse is None:
         return None
     return _move_part(session, part, PartStatus.DONE, reason, etag=etag, checksum=checksum, worker=None,
-                      lease_expires_at=None, finished_at=utcnow(), last_error=None)
+                      lease_expires_at=None, finished_at=clock.now(), last_error=None)
 
 
-def take_dispatch_ticket(session: orm.Session, upload_id: uuid.UUID, unless_since: dt.datetime | None) -> bool:
-    """Stamp the upload as dispatched now, unless it was dispatched after `unless_since`.
+def take_dispatch_ticket(session: orm.Session, upload_id: uuid.UUID, unless_within: float | None) -> bool:
+    """Stamp the upload as dispatched now, unless it was dispatched in the last `unless_within`
+    seconds (by the database's clock).
 
     One reconciler wins the ticket for a stalled upload; the others leave it alone.
     """
     condition = [Upload.id == upload_id]
-    if unless_since is not None:
-        condition.append(sa.or_(Upload.dispatched_at.is_(None), Upload.dispatched_at < unless_since))
+    if unless_within is not None:
+        condition.append(sa.or_(Upload.dispatched_at.is_(None), Upload.dispatched_at < clock.now(-unless_within)))
     stamped = session.execute(
-        sa.update(Upload).where(*condition).values(dispatched_at=utcnow()).returning(Upload.id)
+        sa.update(Upload).where(*condition).values(dispatched_at=clock.now()).returning(Upload.id)
     ).first()
     return stamped is not None
 
@@ -328,7 +329,7 @@ def mark_aborted(session: orm.Session, upload_id: uuid.UUID, reason: str) -> Non
     upload = _lock_upload(session, upload_id, write=True)
     if upload.status not in (UploadStatus.FAILED, UploadStatus.CANCELLED):
         raise InvalidTransition(f"upload {upload_id} is {upload.status}: its multipart upload must not be aborted")
-    session.execute(sa.update(Upload).where(Upload.id == upload_id).values(s3_aborted_at=utcnow()))
+    session.execute(sa.update(Upload).where(Upload.id == upload_id).values(s3_aborted_at=clock.now()))
     _record(session, upload_id, upload.status, upload.status, f"multipart upload aborted in S3: {reason}")
 
 
@@ -353,6 +354,20 @@ def _lock_part(session: orm.Session, upload_id: uuid.UUID, number: int) -> Part:
     return part
 
 
+def _lock_part_and_claim(session: orm.Session, upload_id: uuid.UUID, number: int) -> tuple[Part, str | None]:
+    """The part, locked, and why its claim has lapsed (None while a live claim holds it)."""
+    row = session.execute(
+        sa.select(Part, _lapse()).where(Part.upload_id == upload_id, Part.part_number == number)
+        .with_for_update(of=Part).execution_options(populate_existing=True)
+    ).first()
+    if row is None:
+        raise UploadNotFound(f"upload {upload_id} has no part {number}")
+    part, lapse = row
+    if part.status != PartStatus.IN_FLIGHT:
+        return part, "no claim"
+    return part, lapse
+
+
 def _move_part(session: orm.Session, part: Part, to: PartStatus, reason: str, **values: object) -> Part:
     current = PartStatus(part.status)
     allowed = PART_MOVES[to]
@@ -373,17 +388,21 @@ def _move_part(session: orm.Session, part: Part, to: PartStatus, reason: str, **
     return moved
 
 
-def held(part: Part, now: dt.datetime) -> bool:
-    """Whether a worker holds a live claim on the part."""
-    return part.status == PartStatus.IN_FLIGHT and not _expired(part.lease_expires_at, now)
+def live_claim() -> sa.ColumnElement[bool]:
+    """SQL: a worker holds a live claim on the part: in flight, its lease not run out, and its
+    holder not known dead (by the database's clock: no worker's own clock decides)."""
+    return sa.and_(Part.status == PartStatus.IN_FLIGHT, Part.lease_expires_at > clock.now(),
+                   sa.not_(liveness.dead(Part.worker)))
 
 
-def _expired(deadline: dt.datetime | None, now: dt.datetime) -> bool:
-    if deadline is None:
-        return True
-    if deadline.tzinfo is None:  # SQLite gives naive datetimes back; we only ever store UTC
-        deadline = deadline.replace(tzinfo=dt.UTC)
-    return deadline <= now
+def _lapse() -> sa.ColumnElement[str | None]:
+    """SQL: why an in-flight part's claim has lapsed, or NULL while it is live."""
+    return sa.case(
+        (Part.status != PartStatus.IN_FLIGHT, sa.null()),
+        (liveness.dead(Part.worker), sa.literal("holder ") + sa.func.coalesce(Part.worker, "") + " is dead"),
+        (sa.or_(Part.lease_expires_at.is_(None), Part.lease_expires_at <= clock.now()),
+         sa.literal("lease of ") + sa.func.coalesce(Part.worker, "") + " expired"),
+        else_=sa.null())
 
 
 def _record(session: orm.Session, upload_id: uuid.UUID, frm: str | None, to: str, reason: str,

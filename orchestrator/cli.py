@@ -7,9 +7,9 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import math
 import os
 import re
-import socket
 import sys
 import tempfile
 import time
@@ -21,7 +21,7 @@ from models.db import Database
 from models.exceptions import S3FerryError, UserError
 from models.settings import Settings, format_size, parse_size
 from models.states import UploadStatus
-from orchestrator import local, operations, progress, reconciler, submit, sweeper
+from orchestrator import local, operations, plan, progress, reconciler, submit, sweeper
 from workers import logs
 
 log = logging.getLogger("s3ferry")
@@ -74,11 +74,12 @@ def _parser() -> argparse.ArgumentParser:
     upload.add_argument("destination", help="s3://bucket/key (a key ending in / gets the file's name)")
     upload.add_argument("--part-size", type=_size, default=None,
                         help="part size, 5MiB..5GiB (default: S3FERRY_PART_SIZE or 32MiB)")
-    upload.add_argument("--max-retries", type=int, default=None, help="retries per part before the upload fails")
-    upload.add_argument("--priority", type=_priority_value, default=0, help="higher runs first (default 0)")
+    upload.add_argument("--max-retries", type=_whole(0, 1000), default=None,
+                        help="retries per part before the upload fails, 0..1000 (default: S3FERRY_MAX_RETRIES or 8)")
+    upload.add_argument("--priority", type=PRIORITY, default=0, help="higher runs first (default 0)")
     upload.add_argument("--no-wait", action="store_true",
                         help="print the upload id and return at once (needs a worker fleet)")
-    upload.add_argument("--concurrency", "-c", type=_positive, default=4,
+    upload.add_argument("--concurrency", "-c", type=_whole(1, MAX_CONCURRENCY), default=4,
                         help="single-machine mode: parts sent at once by this command's worker (default 4)")
     upload.set_defaults(run=_upload)
 
@@ -90,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     resume = commands.add_parser("resume", help="resume a paused upload, or get a stalled one moving; and watch it")
     resume.add_argument("upload_id", type=_upload_id)
     resume.add_argument("--no-wait", action="store_true", help="return at once (needs a worker fleet)")
-    resume.add_argument("--concurrency", "-c", type=_positive, default=4,
+    resume.add_argument("--concurrency", "-c", type=_whole(1, MAX_CONCURRENCY), default=4,
                         help="single-machine mode: parts sent at once by this command's worker (default 4)")
     resume.set_defaults(run=_resume)
 
@@ -103,12 +104,12 @@ def _parser() -> argparse.ArgumentParser:
 
     priority = commands.add_parser("priority", help="set an upload's priority (higher runs first)")
     priority.add_argument("upload_id", type=_upload_id)
-    priority.add_argument("priority", type=_priority_value)
+    priority.add_argument("priority", type=PRIORITY)
     priority.set_defaults(run=_priority)
 
     ls = commands.add_parser("ls", help="list uploads, newest first")
     ls.add_argument("--status", help="only uploads in this status")
-    ls.add_argument("--limit", type=_positive, default=50)
+    ls.add_argument("--limit", type=_whole(1, 1_000_000), default=50, help="at most this many (default 50)")
     ls.set_defaults(run=_ls)
 
     watch = commands.add_parser("watch", help="live progress of uploads (default: all active and queued)")
@@ -135,36 +136,39 @@ def _parser() -> argparse.ArgumentParser:
     beat.set_defaults(run=_beat)
 
     worker = commands.add_parser("worker", help="run a Celery worker that uploads parts")
-    worker.add_argument("--concurrency", "-c", type=int, default=4, help="parts sent in parallel (default 4)")
+    worker.add_argument("--concurrency", "-c", type=_whole(1, MAX_CONCURRENCY), default=4,
+                        help="parts sent in parallel (default 4)")
     worker.add_argument("--loglevel", "-l", default="INFO")
-    worker.add_argument("--hostname", "-n", default=None, help="Celery node name (default s3ferry@HOST)")
+    worker.add_argument("--hostname", "-n", default=None, help="Celery node name (default s3ferry-TOKEN@HOST, "
+                        "TOKEN random per process: several workers can share a host)")
     worker.add_argument("--pool", "-P", choices=("prefork", "threads", "solo"), default="prefork",
                         help="Celery pool: processes (default) or threads")
     worker.set_defaults(run=_worker)
 
     signer = commands.add_parser("signer", help="presigned mode: sign part URLs for workers without S3 "
                                  "credentials, and run the control queue (completion, reconciler, sweeper)")
-    signer.add_argument("--threads", type=_positive, default=4, help="signing threads (default 4)")
-    signer.add_argument("--concurrency", "-c", type=_positive, default=4,
+    signer.add_argument("--threads", type=_whole(1, MAX_CONCURRENCY), default=4, help="signing threads (default 4)")
+    signer.add_argument("--concurrency", "-c", type=_whole(1, MAX_CONCURRENCY), default=4,
                         help="control tasks run in parallel (default 4)")
     signer.add_argument("--loglevel", "-l", default="INFO")
     signer.set_defaults(run=_signer)
 
     flower = commands.add_parser("flower", help="Flower, the Celery dashboard, behind basic auth "
                                  "(S3FERRY_FLOWER_BASIC_AUTH=user:password)")
-    flower.add_argument("--port", type=int, default=5555, help="default 5555")
+    flower.add_argument("--port", type=_whole(1, 65535, "port"), default=5555, help="default 5555")
     flower.add_argument("--address", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 in "
                         "containers)")
     flower.set_defaults(run=_flower)
 
     metrics = commands.add_parser("metrics", help="Prometheus metrics of the whole fleet, read from the database")
-    metrics.add_argument("--port", type=int, default=9808, help="default 9808")
+    metrics.add_argument("--port", type=_whole(1, 65535, "port"), default=9808, help="default 9808")
     metrics.add_argument("--address", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     metrics.set_defaults(run=_metrics)
 
     demo = commands.add_parser("demo", help=(
         "upload a random file to a local S3 server, kill the workers part-way, resume, check the SHA-256"))
-    demo.add_argument("--size", type=_size, default=parse_size("1GiB"), help="size of the file (default 1GiB)")
+    demo.add_argument("--size", type=_demo_size, default=parse_size("1GiB"),
+                      help="size of the file, 1B..5TiB (default 1GiB)")
     demo.add_argument("--kill-at", type=_fraction, default=0.4, help="fraction done when the workers are killed "
                       "(default 0.4)")
     demo.add_argument("--keep", action="store_true", help="keep the demo's folder (file, state, logs)")
@@ -177,8 +181,8 @@ def _parser() -> argparse.ArgumentParser:
     db_commands.add_parser("current", help="print the schema version").set_defaults(run=_db_current)
     check = db_commands.add_parser("check", help="exit 0 if the schema is at this version's head, else 3 "
                                    "(for init containers: start only once migrated)")
-    check.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
-                       help="keep checking (every 2 s) for up to this long")
+    check.add_argument("--wait", type=_seconds(0, 86400), default=0.0, metavar="SECONDS",
+                       help="keep checking (every 2 s) for up to this long, 0..86400")
     check.set_defaults(run=_db_check)
     return parser
 
@@ -190,20 +194,39 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(error)) from None
 
 
-def _priority_value(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = None  # type: ignore[assignment]
-    if value is None or not -1_000_000 <= value <= 1_000_000:
-        raise argparse.ArgumentTypeError(f"invalid priority {text!r}: a whole number from -1000000 to 1000000")
-    return value
+def _demo_size(text: str) -> int:
+    size = _size(text)
+    if not 1 <= size <= plan.MAX_OBJECT_SIZE:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: from 1B to 5TiB (S3's largest object)")
+    return size
 
 
-def _positive(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: a whole number of at least 1")
-    return int(text)
+def _whole(low: int, high: int, what: str = "number"):  # type: ignore[no-untyped-def]
+    """An argparse type: a whole number from `low` to `high`."""
+    def parse(text: str) -> int:
+        value = int(text) if re.fullmatch(r"\s*[+-]?[0-9]{1,20}\s*", text) else None
+        if value is None or not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"invalid {what} {text!r}: a whole number from {low} to {high}")
+        return value
+    return parse
+
+
+def _seconds(low: float, high: float):  # type: ignore[no-untyped-def]
+    """An argparse type: a finite number of seconds from `low` to `high`."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not low <= value <= high:  # nan and inf too
+            raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}: from {low:g} to {high:g}")
+        return value
+    return parse
+
+
+#: Parts (or threads) one process runs at once.
+MAX_CONCURRENCY = 1000
+PRIORITY = _whole(-1_000_000, 1_000_000, "priority")
 
 
 def _fraction(text: str) -> float:
@@ -224,6 +247,8 @@ def _upload_id(text: str) -> uuid.UUID:
 
 
 def _upload(args: argparse.Namespace, settings: Settings) -> int:
+    if args.part_size is not None:  # 0 too: before anything starts, in S3's words
+        plan.check_part_size(args.part_size)
     if settings.local:
         _refuse_no_wait(args)
         submit.validate(settings, args.source, args.destination, args.part_size)  # before starting anything
@@ -366,18 +391,23 @@ def _beat(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+#: The longest `--older-than`: S3FERRY_SWEEP_AFTER_SECONDS's own limit.
+MAX_AGE = dt.timedelta(days=10 * 365)
+
+
 def _duration(text: str) -> dt.timedelta:
     units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
     number, unit = text[:-1], text[-1:].lower()
     if unit.isdigit():
         number, unit = text, "s"
     try:
-        value = float(number)
-    except ValueError:
-        value = -1
-    if unit not in units or value < 0:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected like 90s, 30m, 24h or 7d")
-    return dt.timedelta(seconds=value * units[unit])
+        seconds = float(number) * units[unit]
+    except (ValueError, KeyError):
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_AGE.total_seconds():  # nan, inf and 1e400 too
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}: expected like 90s, 30m, 24h or 7d, "
+                                         "at most 3650d")
+    return dt.timedelta(seconds=seconds)
 
 
 def _refuse_local(settings: Settings, command: str) -> None:
@@ -470,23 +500,34 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from workers.app import app
 
-    from workers.app import control_queue
-
     if settings.presigned:
         from workers import window
 
         if window.redis_url(settings.result_backend, settings.broker_url) is None:
             raise UserError("S3FERRY_PRESIGNED=1: workers ask the signer through Redis, so S3FERRY_RESULT_BACKEND "
                             "or S3FERRY_BROKER_URL must be a redis:// URL")
+    app.worker_main(worker_argv(args, settings))
+    return 0
+
+
+def worker_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """`s3ferry worker`'s Celery command line."""
+    from workers.app import control_queue
+
     # In presigned mode a worker holds no credentials: the control queue (completion,
     # reconciler, sweeper, scheduler) is `s3ferry signer`'s.
     queues = settings.queue if settings.presigned else f"{settings.queue},{control_queue(settings.queue)}"
-    argv = ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}", f"--pool={args.pool}",
-            f"--queues={queues}"]
-    if args.hostname:
-        argv.append(f"--hostname={args.hostname}")
-    app.worker_main(argv)
-    return 0
+    return ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}", f"--pool={args.pool}",
+            f"--queues={queues}", f"--hostname={args.hostname or node_name('s3ferry')}"]
+
+
+def node_name(role: str) -> str:
+    """A Celery node name unique to this process, `ROLE-TOKEN@HOST` (the token of its worker ids,
+    workers/runtime.py): two workers on one host named alike share a pidbox queue, which RabbitMQ
+    gives to the first alone (the second dies at start: ResourceLocked)."""
+    from workers import runtime
+
+    return f"{role}-{runtime.NODE_TOKEN}@%h"
 
 
 #: user:password, or several separated by commas (Flower's own format)
@@ -506,7 +547,7 @@ def _signer(args: argparse.Namespace, settings: Settings) -> int:
     service.start(args.threads)
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     app.worker_main(["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}", "--pool=threads",
-                     f"--queues={control_queue(settings.queue)}", f"--hostname=signer@{socket.gethostname()}"])
+                     f"--queues={control_queue(settings.queue)}", f"--hostname={node_name('signer')}"])
     service.stop.set()
     return 0
 

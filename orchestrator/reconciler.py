@@ -12,18 +12,19 @@ Redis's visibility timeout is never waited for.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import logging
+import time
 import uuid
 
 import sqlalchemy as sa
+from sqlalchemy import orm
 
-from models import queries, transitions
+from models import clock, queries, transitions
 from models.db import Database
 from models.exceptions import InvalidTransition
 from models.settings import Settings
 from models.states import PartStatus, UploadStatus
-from models.tables import Part, Upload, utcnow
+from models.tables import Part, Upload
 from orchestrator import scheduler
 from workers import reader, recovery, s3
 
@@ -49,7 +50,7 @@ class Report:
         return text
 
 
-def stalled(db: Database, stall_seconds: float) -> list[uuid.UUID]:
+def stalled(db: Database, stall_seconds: float, queue: str | None = None) -> list[uuid.UUID]:
     """Uploads in progress or completing that need the reconciler.
 
     Either Redis lost their last dispatch (its sentinel key is gone: the messages
@@ -59,14 +60,10 @@ def stalled(db: Database, stall_seconds: float) -> list[uuid.UUID]:
     """
     from workers import app, backend
 
-    now = utcnow()
-    since = now - dt.timedelta(seconds=stall_seconds)
-    recent = sa.or_(Part.started_at >= since, Part.finished_at >= since,
-                    sa.and_(Part.status == PartStatus.IN_FLIGHT, Part.lease_expires_at >= now))
+    since = clock.now(-stall_seconds)
+    recent = sa.or_(Part.started_at >= since, Part.finished_at >= since, transitions.live_claim())
     with db.transaction() as session:
-        active = [str(u) for u in session.scalars(
-            sa.select(Upload.id).where(Upload.status.in_(ACTIVE))
-            .order_by(Upload.priority.desc(), Upload.created_at))]
+        active = _active(session, queue)
         quiet = set(str(u) for u in session.scalars(sa.select(Upload.id).where(
             Upload.status.in_(ACTIVE), Upload.updated_at < since,
             sa.or_(Upload.dispatched_at.is_(None), Upload.dispatched_at < since),
@@ -76,9 +73,27 @@ def stalled(db: Database, stall_seconds: float) -> list[uuid.UUID]:
     return [uuid.UUID(u) for u in active if u in lost or (u in quiet and fleet_idle)]
 
 
+def lost(db: Database, queue: str) -> list[uuid.UUID]:
+    """Uploads of `queue`, in progress or completing, whose last dispatch Redis no longer knows."""
+    from workers import app, backend
+
+    with db.transaction() as session:
+        active = _active(session, queue)
+    gone = backend.lost_dispatches(app.app, active)
+    return [uuid.UUID(u) for u in active if u in gone]
+
+
+def _active(session: orm.Session, queue: str | None) -> list[str]:
+    """Uploads in progress or completing (of `queue`: the fleet that consumes it recovers them)."""
+    query = sa.select(Upload.id).where(Upload.status.in_(ACTIVE))
+    if queue is not None:
+        query = query.where(Upload.queue == queue)
+    return [str(u) for u in session.scalars(query.order_by(Upload.priority.desc(), Upload.created_at))]
+
+
 def reconcile_stalled(settings: Settings, db: Database) -> list[Report]:
     reports = []
-    for upload_id in stalled(db, settings.stall_seconds):
+    for upload_id in stalled(db, settings.stall_seconds, settings.queue):
         try:
             reports.append(reconcile(settings, db, upload_id))
         except Exception as error:  # one upload's trouble must not stop the others
@@ -99,13 +114,14 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
         upload = queries.get_upload(session, upload_id)
     if upload.status not in ACTIVE:
         return Report(upload_id, f"nothing to do: the upload is {upload.status}")
-    observed = utcnow()
+    observed = time.monotonic()
     if not force and upload_id not in stalled(db, settings.stall_seconds):
         return Report(upload_id, "not stalled: its parts are on their way")
     lost = bool(backend.lost_dispatches(app.app, [str(upload_id)]))
-    since = None if force else observed if lost else observed - dt.timedelta(seconds=settings.stall_seconds)
+    # a lost dispatch: unless someone dispatched it since we saw it lost; stalled: within the stall time
+    within = None if force else time.monotonic() - observed if lost else settings.stall_seconds
     with db.transaction() as session:
-        if not transitions.take_dispatch_ticket(session, upload_id, since):
+        if not transitions.take_dispatch_ticket(session, upload_id, within):
             return Report(upload_id, "another reconciler just dispatched it")
     context = {"upload_id": str(upload_id)}
     if upload.status == UploadStatus.COMPLETING:
@@ -116,7 +132,7 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
 
     report = Report(upload_id, "")
     with db.transaction() as session:
-        report.released = transitions.release_expired(session, upload_id)
+        report.released = transitions.release_lapsed(session, upload_id)
     try:
         report.adopted = _adopt_listed(db, upload)
     except reader.SourceChanged as error:

@@ -23,7 +23,7 @@ from models.db import Database
 from models.exceptions import InvalidTransition
 from models.settings import Settings
 from models.states import PartStatus, UploadStatus
-from models.tables import Upload, utcnow
+from models.tables import Part, Upload
 from orchestrator import sweeper
 from workers import s3
 
@@ -126,10 +126,10 @@ def dispatch_missing(db: Database, upload_id: uuid.UUID) -> tuple[list[int], lis
     from workers import app, backend
 
     with db.transaction() as session:
-        now = utcnow()
-        rows = queries.parts(session, upload_id)
-    held = [p.part_number for p in rows if transitions.held(p, now)]
-    missing = [p.part_number for p in rows if p.status != PartStatus.DONE and not transitions.held(p, now)]
+        rows = session.execute(sa.select(Part.part_number, Part.status, transitions.live_claim())
+                               .where(Part.upload_id == upload_id).order_by(Part.part_number)).all()
+    held = [number for number, _, live in rows if live]
+    missing = [number for number, status, live in rows if status != PartStatus.DONE and not live]
     if missing:
         submit.dispatch(upload_id, missing)
     elif not held:

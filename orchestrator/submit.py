@@ -109,7 +109,7 @@ def record(settings: Settings, db: Database, request: Request, *, max_retries: i
                     source_inode=src.inode, bucket=dest.bucket, key=dest.key,
                     endpoint_url=recorded_endpoint(client), part_size=the_plan.part_size, priority=priority,
                     max_retries=settings.max_retries if max_retries is None else max_retries,
-                    retry_count=0)
+                    retry_count=0, queue=settings.queue)
     with db.transaction() as session:
         upload = transitions.create_upload(session, upload, the_plan.parts, f"submitted {src.path} -> {dest}")
     return Submitted(upload.id, dest, the_plan, src.size, None, upload.endpoint_url)

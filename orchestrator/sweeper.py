@@ -14,11 +14,11 @@ import logging
 
 import sqlalchemy as sa
 
-from models import transitions
+from models import clock, transitions
 from models.db import Database
 from models.exceptions import UserError
-from models.states import PartStatus, UploadStatus
-from models.tables import Part, Upload, utcnow
+from models.states import UploadStatus
+from models.tables import Part, Upload
 from orchestrator import destination
 from workers import s3
 
@@ -51,7 +51,7 @@ def sweep(db: Database, older_than: dt.timedelta, dry_run: bool = False,
 
 
 def _sweep_known(db: Database, older_than: dt.timedelta, dry_run: bool) -> list[Swept]:
-    cutoff = utcnow() - older_than
+    cutoff = clock.now(-older_than.total_seconds())
     with db.transaction() as session:
         candidates = session.scalars(sa.select(Upload.id).where(_sweepable(cutoff))).all()
     swept = []
@@ -72,9 +72,9 @@ def _sweep_known(db: Database, older_than: dt.timedelta, dry_run: bool) -> list[
     return swept
 
 
-def _sweepable(cutoff: dt.datetime) -> sa.ColumnElement[bool]:
+def _sweepable(cutoff: sa.ColumnElement[dt.datetime]) -> sa.ColumnElement[bool]:
     # Not while a part is still being sent: it could land after the abort and stay billed.
-    sending = sa.select(Part.upload_id).where(Part.status == PartStatus.IN_FLIGHT, Part.lease_expires_at >= utcnow())
+    sending = sa.select(Part.upload_id).where(transitions.live_claim())
     return sa.and_(Upload.s3_upload_id.is_not(None), Upload.s3_aborted_at.is_(None), Upload.id.not_in(sending),
                    sa.or_(Upload.status == UploadStatus.CANCELLED,
                           sa.and_(Upload.status == UploadStatus.FAILED, Upload.finished_at < cutoff)))
@@ -89,7 +89,8 @@ def _sweep_unknown(db: Database, older_than: dt.timedelta, dry_run: bool, where:
     bucket, _, prefix = where.removeprefix("s3://").partition("/")
     destination.check_bucket(bucket)
     client = s3.make_client(retries=3)
-    cutoff = utcnow() - older_than
+    with db.transaction() as session:
+        cutoff = clock.read(session) - older_than
     swept = []
     for page in client.get_paginator("list_multipart_uploads").paginate(Bucket=bucket, Prefix=prefix):
         for mpu in page.get("Uploads", []):

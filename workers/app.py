@@ -13,7 +13,7 @@ from celery import Celery, signals
 
 from models import transitions
 from models.settings import Settings
-from workers import backend, logs, runtime, signer
+from workers import backend, held, logs, runtime, signer, watch, window
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,54 @@ def _reconcile_on_start(sender: object = None, **_: object) -> None:
     app.send_task("s3ferry.reconcile")
 
 
+_watch: list[watch.Watch] = []
+
+
+@signals.worker_ready.connect
+def _start_watch(sender: object = None, **_: object) -> None:
+    # Every worker node runs the recovery pass: no singleton on the recovery path. Nodes that
+    # consume the control queue hold S3 credentials, so they also reconcile (ListParts).
+    rt = runtime.get()
+    rt.alive()
+    consumed = set(app.amqp.queues.consume_from or ())
+    _watch.append(watch.Watch(rt, reconcile=control_queue(rt.settings.queue) in consumed).start())
+
+
+@signals.worker_shutdown.connect
+def _stop_watch(**_: object) -> None:
+    while _watch:
+        _watch.pop().stop()
+
+
+#: The node's main process's worker id (its pool processes inherit it): whose messages they are.
+_node: list[str] = []
+
+
+@signals.task_received.connect
+def _note_held(request: object = None, **_: object) -> None:
+    # Runs in the node's main process as a message arrives (workers/held.py).
+    if getattr(request, "name", None) != "s3ferry.upload_part" or not _node:
+        return
+    rt = runtime.get()
+    try:
+        upload_id, part = request.args  # type: ignore[attr-defined]
+        retries = int((request.request_dict or {}).get("retries") or 0)  # type: ignore[attr-defined]
+        held.note(rt.redis, rt.settings.queue, _node[0], f"{request.id}:{retries}", str(upload_id), int(part))  # type: ignore[attr-defined, arg-type]
+    except Exception as error:  # noqa: BLE001 - only a shortcut: Redis returns the message in the end
+        log.warning("could not note a received part message: %s", error)
+
+
+@signals.task_postrun.connect
+def _forget_held(task_id: str | None = None, task: object = None, **_: object) -> None:
+    if getattr(task, "name", None) != "s3ferry.upload_part" or not _node:
+        return
+    rt = runtime.get()
+    try:
+        held.forget(rt.redis, _node[0], f"{task_id}:{task.request.retries or 0}")  # type: ignore[union-attr, arg-type]
+    except Exception as error:  # noqa: BLE001
+        log.warning("could not forget a finished part message: %s", error)
+
+
 @signals.worker_process_shutdown.connect
 def _at_process_exit(**_: object) -> None:
     runtime.reset()
@@ -126,11 +174,15 @@ def _release_claims_at_exit(**_: object) -> None:
     # those parts now rather than when the leases expire.
     main = os.getpid()
     atexit.register(_release_claims, main)
+    settings = Settings.from_env()
+    if watch.held_on_redis(settings) and window.redis_url(settings.result_backend, settings.broker_url):
+        _node.append(f"{runtime.node_prefix()}{main}")
 
 
 def _release_claims(main: int) -> None:
     if os.getpid() != main:  # a forked pool process inherits atexit handlers: not its job
         return
+    _stop_watch()
     rt = runtime.get()
     try:
         with rt.db.transaction() as session:

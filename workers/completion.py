@@ -56,8 +56,10 @@ def complete(rt: Runtime, upload_id: uuid.UUID, collected: Iterable[Mapping[str,
     if upload.status not in (UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING):
         log.info("upload is %s; not completing it", upload.status, extra=context)
         return upload.status
+    rt.alive()  # the completer names itself: if it dies, the recovery pass completes the upload
+    completing = rt.worker_id if upload.status == UploadStatus.COMPLETING else None
     with rt.db.transaction() as session:
-        transitions.touch(session, upload_id)  # a completion that is retrying is not a stalled one
+        transitions.touch(session, upload_id, completing)  # a completion that is retrying is not a stalled one
     missing = [p.part_number for p in parts if p.status != PartStatus.DONE]
     if missing:
         log.warning("completion called before every part is done (%d missing, first %s); nothing changed",
@@ -70,7 +72,7 @@ def complete(rt: Runtime, upload_id: uuid.UUID, collected: Iterable[Mapping[str,
     if upload.status == UploadStatus.IN_PROGRESS:
         with rt.db.transaction() as session:
             try:
-                transitions.begin_completing(session, upload_id, f"all {len(parts)} parts done")
+                transitions.begin_completing(session, upload_id, f"all {len(parts)} parts done", rt.worker_id)
             except InvalidTransition:
                 status = queries.get_upload(session, upload_id).status
                 if status != UploadStatus.COMPLETING:  # another callback finished it, or it failed

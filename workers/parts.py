@@ -62,6 +62,7 @@ def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
     Database errors propagate (the task retries them without counting: Postgres
     may be restarting); S3 and source errors are handled here.
     """
+    rt.alive()  # every claim names a holder whose liveness the fleet can see
     with rt.db.transaction() as session:
         claimable, upload = transitions.would_claim(session, upload_id, number, rt.worker_id)
         endpoint, bucket = upload.endpoint_url, upload.bucket
@@ -109,7 +110,9 @@ def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | No
         log.info("upload is %s; part not sent", upload.status, extra=context)
         return PartResult(number, skipped=f"upload is {upload.status}")
     if claim.outcome is transitions.ClaimOutcome.HELD:
-        raise RetryLater(f"part {number} is held by {part.worker}", min(30.0, rt.settings.lease_seconds / 2))
+        # Another delivery of this part (RabbitMQ requeues a dead worker's message at once): look
+        # again once the holder, if it died, is known dead; the recovery pass may be first.
+        raise RetryLater(f"part {number} is held by {part.worker}", rt.settings.liveness_seconds)
 
     renew_slot = (lambda: outcome.window.renew(outcome.slot)) if outcome is not None else None
     started = time.monotonic()

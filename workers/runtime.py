@@ -20,6 +20,7 @@ from botocore.client import BaseClient
 from models.db import Database
 from models.settings import Settings
 from workers import s3, window
+from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,21 @@ class Runtime:
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     _windows: dict[tuple[str | None, str], window.Window] = dataclasses.field(default_factory=dict)
     _redis: Redis | None = None
+    _heartbeat: Heartbeat | None = None
 
     @property
     def worker_id(self) -> str:
         """`host:node:pid`: the node token tells apart containers whose host names and pids repeat."""
         return f"{node_prefix()}{self.pid}"
+
+    def alive(self) -> Heartbeat:
+        """This process's heartbeat, started (with a first beat) on first use: before the
+        process claims a part, completes an upload or judges other processes dead."""
+        with self._lock:
+            if self._heartbeat is None:
+                s = self.settings
+                self._heartbeat = Heartbeat(self.db, self.worker_id, s.heartbeat_seconds, s.liveness_seconds).start()
+            return self._heartbeat
 
     def s3(self, endpoint_url: str | None) -> BaseClient:
         """The S3 client for an upload's endpoint (one per endpoint per process)."""
@@ -72,6 +83,8 @@ class Runtime:
             return found
 
     def close(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.stop(retire=True)
         self.db.dispose()
         if self._redis is not None:
             self._redis.close()
@@ -96,7 +109,10 @@ _current_lock = threading.Lock()
 def get() -> Runtime:
     global _current
     with _current_lock:
-        if _current is None or _current.pid != os.getpid():
+        if _current is not None and _current.pid != os.getpid():  # inherited by a fork
+            _current.db.engine.dispose(close=False)
+            _current = None
+        if _current is None:
             settings = Settings.from_env()
             _current = Runtime(settings=settings, db=Database(settings.database_url))
         return _current
@@ -114,4 +130,6 @@ def reset() -> None:
     with _current_lock:
         if _current is not None and _current.pid == os.getpid():
             _current.close()
+        elif _current is not None:  # the parent's, inherited by a fork: leave its connections to it
+            _current.db.engine.dispose(close=False)
         _current = None

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from models import migrate, queries, transitions
+from models import clock, migrate, queries, transitions
 from models.db import Database
 from models.exceptions import InvalidTransition, UploadNotFound
 from models.states import PartStatus, UploadStatus
@@ -139,7 +139,7 @@ def test_claims_exclude_other_workers_until_the_lease_expires(state: Database) -
 
     with state.transaction() as session:  # w1 dies: its lease runs out
         session.execute(sa.update(Part).where(Part.upload_id == upload_id)
-                        .values(lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
+                        .values(lease_expires_at=clock.now(-1)))
     with state.transaction() as session:
         taken = transitions.claim_part(session, upload_id, 1, "w2", 60)
     assert (taken.outcome, taken.part.worker, taken.part.attempts) == (transitions.ClaimOutcome.CLAIMED, "w2", 2)
@@ -279,9 +279,9 @@ def test_a_part_that_landed_after_its_lease_ran_out_is_still_recorded(state: Dat
         transitions.start_upload(session, upload_id, "mpu", "created")
         transitions.claim_part(session, upload_id, 1, "w1", 60)
         session.execute(sa.update(Part).where(Part.upload_id == upload_id)
-                        .values(lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
+                        .values(lease_expires_at=clock.now(-1)))
     with state.transaction() as session:
-        assert transitions.release_expired(session, upload_id) == [1]
+        assert transitions.release_lapsed(session, upload_id) == [1]
         part = transitions.finish_part(session, upload_id, 1, "w1", '"e1"', "c", "landed late")
     assert part is not None and part.status == PartStatus.DONE
 

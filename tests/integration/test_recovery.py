@@ -11,7 +11,7 @@ import crc32c
 import pytest
 import sqlalchemy as sa
 
-from models import queries, transitions
+from models import clock, queries, transitions
 from models.exceptions import UserError
 from models.settings import Settings
 from models.states import UploadStatus
@@ -73,7 +73,7 @@ def test_claims_of_a_dead_worker_are_released_and_their_parts_sent(worker, setti
     with db.transaction() as session:
         transitions.claim_part(session, up.upload_id, 1, "dead-host:1:x", 60)
         session.execute(sa.update(Part).where(Part.upload_id == up.upload_id)
-                        .values(lease_expires_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1),
+                        .values(lease_expires_at=clock.now(-1),
                                 started_at=dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)))
 
     report = reconciler.reconcile(settings, db, up.upload_id)

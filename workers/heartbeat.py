@@ -1,0 +1,74 @@
+"""A worker process's heartbeat: its liveness record, stamped on a thread of its own.
+
+Started before the process claims its first part (or runs the recovery pass),
+so every claim names a holder the fleet can see. A process that dies stops
+beating, and `liveness_seconds` later any other process may hand its parts on
+(models/liveness.py, orchestrator/failover.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from models import liveness
+from models.db import Database
+
+log = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Stamps `worker`'s liveness record every `interval` seconds, valid for `ttl` seconds."""
+
+    def __init__(self, db: Database, worker: str, interval: float, ttl: float) -> None:
+        self.db, self.worker, self.interval, self.ttl = db, worker, interval, ttl
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="s3ferry-heartbeat", daemon=True)
+        #: monotonic time since which every beat succeeded (None after a failed one)
+        self._healthy_since: float | None = None
+        self._failing = False
+
+    def start(self) -> Heartbeat:
+        """The first beat now (a database error propagates: nothing may be claimed without it)."""
+        self._beat()
+        self._thread.start()
+        return self
+
+    def healthy_for(self) -> float:
+        """Seconds of unbroken beats: a process that could not beat for a while (a database
+        outage) judges no other process dead until the live ones had time to beat again."""
+        since = self._healthy_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def stop(self, retire: bool = True) -> None:
+        """Stop beating; with `retire`, mark the process dead now (a graceful exit)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if retire:
+            try:
+                with self.db.transaction() as session:
+                    liveness.retire(session, self.worker)
+            except Exception as error:  # noqa: BLE001 - the record expires by itself
+                log.warning("could not retire the liveness record of %s: %s", self.worker, error)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self._beat()
+            except Exception as error:  # noqa: BLE001 - never let the heartbeat thread die
+                self._healthy_since = None
+                if not self._failing:
+                    log.warning("heartbeat failed (%s); retrying every %.1fs", error, self.interval)
+                self._failing = True
+
+    def _beat(self) -> None:
+        started = time.monotonic()
+        with self.db.transaction() as session:
+            liveness.beat(session, self.worker, self.ttl)
+        if self._healthy_since is None:
+            self._healthy_since = started
+        if self._failing:
+            log.warning("heartbeat works again")
+            self._failing = False
