@@ -1,19 +1,29 @@
 """What a crash costs: bytes re-sent, and seconds until parts land again.
 
-Two scenarios on one 512 MiB upload each (32 MiB parts, 2 workers x concurrency 2,
-a bandwidth-capped proxy in front of moto so the upload takes a while):
-  kill-all:    SIGKILL every worker at about 50%, start them again;
-  redis-flush: FLUSHALL Redis at about 50% (queued parts and chord counters gone).
+Scenarios on one 512 MiB upload each (a bandwidth-capped proxy in front of moto so
+the upload takes a while):
+  kill-all:    SIGKILL every worker at about 50%, start them again (32 MiB parts,
+               2 workers x concurrency 2, short leases);
+  redis-flush: FLUSHALL Redis at about 50% (queued parts and chord counters gone);
+  kill-one, kill-one-beat: three `s3ferry worker -c 2` (and `s3ferry beat`), 16 MiB
+               parts, default settings; one worker's whole process group SIGKILLed
+               while it holds a part in flight, and not restarted.
 Reports bytes re-sent (from the proxy's byte count, minus the file size) beside
-the bytes of the parts that were in flight at the crash, and the seconds from the
-restart (or flush) to the next part landing.
+the bytes of the parts that were in flight at the crash; for kill-all and
+redis-flush the seconds from the restart (or flush) to the next part landing; for
+kill-one the seconds from the kill until every part the killed worker held has
+landed again (median of --runs).
 
-    python bench/recovery.py            # writes bench/results/recovery.json
+    python bench/recovery.py [--runs 5] [--scenarios kill-one,kill-one-beat]
+    # writes bench/results/recovery.json (scenarios not run keep their last result)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -38,12 +48,24 @@ from tests.faults import FlakyProxy  # noqa: E402
 SIZE, PART = 512 * MiB, 32 * MiB
 
 
+SCENARIOS = ("kill-all", "redis-flush", "kill-one", "kill-one-beat")
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=5, help="runs of each kill-one scenario (median)")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS))
+    args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="s3ferry-recovery-"))
     source = work / "source.bin"
     write_random(source, SIZE)
-    results = {scenario: run(work, source, scenario) for scenario in ("kill-all", "redis-flush")}
     out = ROOT / "bench" / "results" / "recovery.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    for scenario in args.scenarios.split(","):
+        if scenario.startswith("kill-one"):
+            results[scenario] = kill_one_runs(work, source, beat=scenario.endswith("beat"), runs=args.runs)
+        else:
+            results[scenario] = run(work, source, scenario)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     return 0
@@ -104,6 +126,78 @@ def run(work: Path, source: Path, scenario: str) -> dict[str, object]:
         proxy.close()
         redis_server.stop()
         moto.stop()
+
+
+def kill_one_runs(work: Path, source: Path, beat: bool, runs: int) -> dict[str, object]:
+    each = [kill_one(work, source, beat, f"{'b' if beat else 'n'}{n}") for n in range(runs)]
+    seconds = [r["seconds_until_its_parts_landed_again"] for r in each]
+    return {"runs": each, "median_seconds_until_its_parts_landed_again": statistics.median(seconds),
+            "median_bytes_resent": statistics.median(r["bytes_resent"] for r in each)}
+
+
+def kill_one(work: Path, source: Path, beat: bool, tag: str) -> dict[str, object]:
+    """Three workers, one SIGKILLed mid-part and not restarted; default settings."""
+    part = 16 * MiB
+    moto, endpoint = services.start_moto(work)
+    redis_server, redis_url = services.start_redis(work)
+    upstream = urlparse(endpoint)
+    proxy = FlakyProxy(upstream.hostname, upstream.port)
+    proxy.limit(20 * MiB)
+    db_url = sa.make_url("postgresql+psycopg://postgres@127.0.0.1:5432/postgres").set(
+        database=f"s3ferry_recovery_{uuid.uuid4().hex[:8]}").render_as_string(hide_password=False)
+    migrate.upgrade(db_url)
+    env = {"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "b",
+           "AWS_SECRET_ACCESS_KEY": "b", "AWS_REGION": "us-east-1", "S3FERRY_DATABASE_URL": db_url,
+           "S3FERRY_BROKER_URL": f"{redis_url}/0", "S3FERRY_RESULT_BACKEND": f"{redis_url}/1"}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="b",
+                 aws_secret_access_key="b").create_bucket(Bucket="bench")
+    token = uuid.uuid4().hex[:8]
+    doomed = services.start_worker(work, {**env, "S3FERRY_NODE_TOKEN": token}, f"kill-one-{tag}-doomed", 2)
+    workers = [doomed] + [services.start_worker(work, env, f"kill-one-{tag}-w{i}", 2) for i in range(2)]
+    servers = list(workers)
+    if beat:
+        servers.append(services.Server(f"kill-one-{tag}-beat", [str(services.BIN / "s3ferry"), "beat",
+                                       f"--schedule={work / (tag + '.beat')}"], work, env=env).start())
+    db = Database(db_url)
+    prefix = f"{socket.gethostname()}:{token}:"
+    try:
+        import subprocess
+
+        out = subprocess.run([str(services.BIN / "s3ferry"), "upload", str(source), "s3://bench/big.bin",
+                              "--part-size", "16MiB", "--no-wait"], env=env, capture_output=True, text=True, check=True)
+        upload_id = uuid.UUID(out.stdout.split()[0])
+        held: list[int] = []
+        while not held:
+            held = claimed_by(db, upload_id, prefix)
+            time.sleep(0.02)
+        doomed.kill()
+        killed = time.monotonic()
+        while not all_done(db, upload_id, held):
+            time.sleep(0.05)
+        landed_again = time.monotonic() - killed
+        while status(db, upload_id) not in ("complete", "failed"):
+            time.sleep(0.2)
+        return {"status": status(db, upload_id), "parts_it_held": len(held), "bytes_it_held": len(held) * part,
+                "seconds_until_its_parts_landed_again": round(landed_again, 2),
+                "bytes_resent": max(0, proxy.bytes_up - SIZE)}
+    finally:
+        for server in servers:
+            server.stop()
+        db.dispose()
+        proxy.close()
+        redis_server.stop()
+        moto.stop()
+
+
+def claimed_by(db: Database, upload_id: uuid.UUID, prefix: str) -> list[int]:
+    with db.transaction() as session:
+        return [p.part_number for p in queries.parts(session, upload_id)
+                if p.status == "in_flight" and (p.worker or "").startswith(prefix)]
+
+
+def all_done(db: Database, upload_id: uuid.UUID, numbers: list[int]) -> bool:
+    with db.transaction() as session:
+        return all(p.status == "done" for p in queries.parts(session, upload_id) if p.part_number in numbers)
 
 
 def counts(db: Database, upload_id: uuid.UUID) -> queries.PartCounts:

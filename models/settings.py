@@ -60,7 +60,7 @@ RANGES = {
     "max_active_uploads": Range(1, 100_000),
     "max_retries": Range(0, 1000),
     "max_upload_retries": Range(0, 1_000_000),
-    "lease_seconds": Range(10, 86400, "seconds"),
+    "lease_seconds": Range(1, 86400, "seconds"),
     "stall_seconds": Range(1, 7 * 86400, "seconds"),
     "reconcile_interval": Range(1, 86400, "seconds"),
     "sweep_after_seconds": Range(60, 10 * 365 * 86400, "seconds"),
@@ -142,8 +142,8 @@ class Settings:
     #: How often each worker process stamps its liveness record in the database.
     heartbeat_seconds: float = 2.0
     #: A worker process whose liveness record is older than this is dead: its claims are
-    #: released and its parts dispatched again. At least twice heartbeat_seconds, less than
-    #: lease_seconds.
+    #: released and its parts dispatched again. At least twice heartbeat_seconds (a lease
+    #: shorter than this releases a hung worker's claims first).
     liveness_seconds: float = 6.0
     #: How often every worker runs the light recovery pass (dead holders' claims, lost
     #: dispatches), one pass at a time fleet-wide.
@@ -176,11 +176,10 @@ class Settings:
             raise SettingsError(
                 f"the window settings must satisfy 1 <= S3FERRY_WINDOW_MIN ({self.window_min}) <= "
                 f"S3FERRY_WINDOW_INITIAL ({self.window_initial}) <= S3FERRY_WINDOW_MAX ({self.window_max})")
-        if not 2 * self.heartbeat_seconds <= self.liveness_seconds < self.lease_seconds:
+        if not 2 * self.heartbeat_seconds <= self.liveness_seconds:
             raise SettingsError(
                 f"S3FERRY_LIVENESS_SECONDS ({self.liveness_seconds}) must be at least twice S3FERRY_HEARTBEAT_SECONDS "
-                f"({self.heartbeat_seconds}) and less than S3FERRY_LEASE_SECONDS ({self.lease_seconds}): "
-                "otherwise live workers look dead, or dead ones keep their claims")
+                f"({self.heartbeat_seconds}): otherwise a live worker that misses one beat looks dead")
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={mask_password(str(getattr(self, f.name)))!r}" if f.name.endswith(("_url", "backend"))

@@ -512,7 +512,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def worker_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
     """`s3ferry worker`'s Celery command line."""
-    from workers.app import control_queue
+    from workers.broker import control_queue
 
     # In presigned mode a worker holds no credentials: the control queue (completion,
     # reconciler, sweeper, scheduler) is `s3ferry signer`'s.

@@ -29,8 +29,8 @@ from models.db import Database, wrap_errors
 from models.settings import Settings
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload, WorkerProcess
-from orchestrator import reconciler, submit
-from workers import held
+from orchestrator import reconciler, scheduler
+from workers import held, window
 
 log = logging.getLogger(__name__)
 
@@ -55,20 +55,21 @@ class Pass:
 
 
 def run(settings: Settings, db: Database, judge: bool, reconcile: bool = True, stall_rule: bool = False,
-        redis: Redis | None = None) -> Pass:
+        redis: Redis | None = None, held_messages: bool = False) -> Pass:
     """One pass, unless another process is running one. `judge`: this process has beaten
     without a break for `liveness_seconds`, so a record that expired meanwhile is a dead
     process, not a database outage that every process lived through. `reconcile`: this
     process may call S3 (ListParts) to reconcile uploads whose dispatch Redis lost, and,
-    with `stall_rule`, stalled ones. `redis`: where nodes note the part messages they hold
-    (workers/held.py), on a Redis broker."""
+    with `stall_rule`, stalled ones. `redis`: the windows' Redis (a dead worker's slots are freed
+    there); `held_messages`: nodes note the part messages they hold there (workers/held.py), as
+    they do on a Redis broker."""
     with _turn(db, LOCK_KEY + reconcile) as mine:
         if not mine:
             return Pass()
         done = Pass(ran=True)
         if judge:
-            done.redispatched = _hand_on_claims(db, settings.queue)
-            if redis is not None:
+            done.redispatched = _hand_on_claims(db, settings.queue, redis)
+            if redis is not None and held_messages:
                 for upload_id, numbers in _hand_on_held(db, settings.queue, redis).items():
                     done.redispatched.setdefault(upload_id, []).extend(numbers)
             done.completions = _hand_on_completions(settings, db)
@@ -79,23 +80,37 @@ def run(settings: Settings, db: Database, judge: bool, reconcile: bool = True, s
     return done
 
 
-def _hand_on_claims(db: Database, queue: str) -> dict[uuid.UUID, list[int]]:
-    """Release the claims of dead (or hung) holders on the uploads of `queue`, and dispatch
-    those parts again."""
+def _hand_on_claims(db: Database, queue: str, redis: Redis | None) -> dict[uuid.UUID, list[int]]:
+    """Release the claims of dead (or hung) holders on the uploads of `queue`, free their window
+    slots, and dispatch those parts again."""
     with db.transaction() as session:
-        uploads = list(session.scalars(sa.select(Part.upload_id).distinct().join(Upload).where(
-            Upload.queue == queue, Part.status == PartStatus.IN_FLIGHT, sa.not_(transitions.live_claim()))))
+        lapsed = session.execute(
+            sa.select(Part.upload_id, Part.part_number, Part.worker, Upload.endpoint_url, Upload.bucket).join(Upload)
+            .where(Upload.queue == queue, Part.status == PartStatus.IN_FLIGHT, sa.not_(transitions.live_claim()))
+        ).all()
     redispatched = {}
-    for upload_id in uploads:
+    for upload_id in sorted({row.upload_id for row in lapsed}):
         with db.transaction() as session:
             released = transitions.release_lapsed(session, upload_id)
             status = session.scalar(sa.select(Upload.status).where(Upload.id == upload_id))
+        if redis is not None:
+            _free_slots(redis, [row for row in lapsed if row.upload_id == upload_id and row.part_number in released])
         if released and status == UploadStatus.IN_PROGRESS:
-            submit.dispatch(upload_id, released)
+            scheduler.dispatch(upload_id, released)
             redispatched[upload_id] = released
             log.warning("released %d part(s) of a dead or hung worker and dispatched them again: %s",
                         len(released), released[:10], extra={"upload_id": str(upload_id)})
     return redispatched
+
+
+def _free_slots(client: Redis, rows: Iterable[sa.Row]) -> None:
+    """The released parts' window slots (their holders are gone): free for others now."""
+    for row in rows:
+        shared = window.Window(client, row.endpoint_url, row.bucket, window.Limits())
+        try:
+            shared.evict(f"{row.worker}:{row.upload_id}:{row.part_number}:")
+        except Exception as error:  # noqa: BLE001 - the slot's lease frees it anyway
+            log.warning("could not free a dead worker's window slot: %s", error)
 
 
 def _hand_on_held(db: Database, queue: str, client: Redis) -> dict[uuid.UUID, list[int]]:
@@ -116,7 +131,7 @@ def _hand_on_held(db: Database, queue: str, client: Redis) -> dict[uuid.UUID, li
     for upload_id, numbers in wanted.items():
         missing = _unclaimed(db, upload_id, numbers, queue)
         if missing:
-            submit.dispatch(upload_id, missing)
+            scheduler.dispatch(upload_id, missing)
             redispatched[upload_id] = missing
             log.warning("dispatched again %d part message(s) that a dead worker held: %s", len(missing),
                         missing[:10], extra={"upload_id": str(upload_id)})

@@ -382,7 +382,7 @@ class Home:
 
     def _run_beat(self) -> None:
         """What `s3ferry beat` does for a fleet: the scheduler, reconciler and sweeper, when due."""
-        from workers.app import app
+        from workers.broker import app
 
         now = time.monotonic()
         for name, entry in app.conf.beat_schedule.items():

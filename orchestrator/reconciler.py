@@ -58,7 +58,7 @@ def stalled(db: Database, stall_seconds: float, queue: str | None = None) -> lis
     the whole fleet was idle too. A busy fleet means their parts are only waiting
     in the queue, behind other uploads' parts: not stalled.
     """
-    from workers import app, backend
+    from workers import backend, broker
 
     since = clock.now(-stall_seconds)
     recent = sa.or_(Part.started_at >= since, Part.finished_at >= since, transitions.live_claim())
@@ -69,17 +69,17 @@ def stalled(db: Database, stall_seconds: float, queue: str | None = None) -> lis
             sa.or_(Upload.dispatched_at.is_(None), Upload.dispatched_at < since),
             Upload.id.not_in(sa.select(Part.upload_id).where(recent)))))
         fleet_idle = session.scalar(sa.select(sa.func.count()).select_from(Part).where(recent)) == 0
-    lost = backend.lost_dispatches(app.app, active)
+    lost = backend.lost_dispatches(broker.app, active)
     return [uuid.UUID(u) for u in active if u in lost or (u in quiet and fleet_idle)]
 
 
 def lost(db: Database, queue: str) -> list[uuid.UUID]:
     """Uploads of `queue`, in progress or completing, whose last dispatch Redis no longer knows."""
-    from workers import app, backend
+    from workers import backend, broker
 
     with db.transaction() as session:
         active = _active(session, queue)
-    gone = backend.lost_dispatches(app.app, active)
+    gone = backend.lost_dispatches(broker.app, active)
     return [uuid.UUID(u) for u in active if u in gone]
 
 
@@ -108,7 +108,7 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
     Running it while the upload is healthy changes nothing; running it twice at
     once dispatches once (the dispatch ticket).
     """
-    from workers import app, backend
+    from workers import backend, broker
 
     with db.transaction() as session:
         upload = queries.get_upload(session, upload_id)
@@ -117,7 +117,7 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
     observed = time.monotonic()
     if not force and upload_id not in stalled(db, settings.stall_seconds):
         return Report(upload_id, "not stalled: its parts are on their way")
-    lost = bool(backend.lost_dispatches(app.app, [str(upload_id)]))
+    lost = bool(backend.lost_dispatches(broker.app, [str(upload_id)]))
     # a lost dispatch: unless someone dispatched it since we saw it lost; stalled: within the stall time
     within = None if force else time.monotonic() - observed if lost else settings.stall_seconds
     with db.transaction() as session:
@@ -125,7 +125,7 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
             return Report(upload_id, "another reconciler just dispatched it")
     context = {"upload_id": str(upload_id)}
     if upload.status == UploadStatus.COMPLETING:
-        backend.mark_dispatched(app.app, str(upload_id), app.RESULT_EXPIRES)
+        backend.mark_dispatched(broker.app, str(upload_id), broker.RESULT_EXPIRES)
         dispatch_completion(upload_id)
         log.warning("reconciler: completion dispatched again", extra=context)
         return Report(upload_id, "completion dispatched again")
@@ -160,9 +160,9 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
 
 
 def dispatch_completion(upload_id: uuid.UUID) -> None:
-    from workers import tasks
+    from workers import broker
 
-    tasks.complete_upload.delay([], str(upload_id))
+    broker.send("s3ferry.complete_upload", [], str(upload_id))
 
 
 def _adopt_listed(db: Database, upload: Upload) -> list[int]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterable
 
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -72,12 +73,12 @@ def start(db: Database, upload_id: uuid.UUID, dispatch: bool = True) -> bool:
     """An upload just moved to in_progress: make sure S3 has its multipart upload, then send its parts.
     False if it could not start (it failed, or waits for the reconciler to try again)."""
     if dispatch:  # from now on the upload's parts count as dispatched (no reconciler steps in meanwhile)
-        from workers import app, backend
+        from workers import backend, broker
 
-        backend.mark_dispatched(app.app, str(upload_id), app.RESULT_EXPIRES)
+        backend.mark_dispatched(broker.app, str(upload_id), broker.RESULT_EXPIRES)
     if not ensure_multipart(db, upload_id):
         if dispatch:
-            backend.forget_dispatch(app.app, str(upload_id))  # nothing was sent: the reconciler may retry
+            backend.forget_dispatch(broker.app, str(upload_id))  # nothing was sent: the reconciler may retry
         return False
     if dispatch:
         dispatch_missing(db, upload_id)
@@ -119,11 +120,22 @@ def ensure_multipart(db: Database, upload_id: uuid.UUID) -> bool:
     return True
 
 
+def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int]) -> None:
+    """One chord: a task per part, then the completion callback. Ids only in the messages."""
+    from workers import backend, broker  # the Celery app is configured from the environment on import
+
+    backend.mark_dispatched(broker.app, str(upload_id), broker.RESULT_EXPIRES)
+    try:
+        broker.dispatch_chord(str(upload_id), list(part_numbers))
+    except Exception:
+        backend.forget_dispatch(broker.app, str(upload_id))
+        raise
+
+
 def dispatch_missing(db: Database, upload_id: uuid.UUID) -> tuple[list[int], list[int]]:
     """Dispatch a chord of the parts neither done nor held by a live claim, or the completion
     if there is none; returns (dispatched, held)."""
-    from orchestrator import submit
-    from workers import app, backend
+    from workers import backend, broker
 
     with db.transaction() as session:
         rows = session.execute(sa.select(Part.part_number, Part.status, transitions.live_claim())
@@ -131,12 +143,10 @@ def dispatch_missing(db: Database, upload_id: uuid.UUID) -> tuple[list[int], lis
     held = [number for number, _, live in rows if live]
     missing = [number for number, status, live in rows if status != PartStatus.DONE and not live]
     if missing:
-        submit.dispatch(upload_id, missing)
+        dispatch(upload_id, missing)
     elif not held:
-        backend.mark_dispatched(app.app, str(upload_id), app.RESULT_EXPIRES)
-        from workers import tasks
-
-        tasks.complete_upload.delay([], str(upload_id))
+        backend.mark_dispatched(broker.app, str(upload_id), broker.RESULT_EXPIRES)
+        broker.send("s3ferry.complete_upload", [], str(upload_id))
     return missing, held
 
 
@@ -148,8 +158,8 @@ def _lock(session: orm.Session) -> None:
 def request_schedule() -> None:
     """Ask a worker to run the scheduler (after a completion, failure, pause or cancel)."""
     try:
-        from workers.app import app
+        from workers import broker
 
-        app.send_task("s3ferry.schedule")
+        broker.send("s3ferry.schedule")
     except Exception as error:  # beat runs it periodically anyway
         log.warning("could not ask for the scheduler: %s", error)

@@ -10,11 +10,9 @@ import dataclasses
 import logging
 import urllib.parse
 import uuid
-from collections.abc import Iterable
 
 import botocore.exceptions
 import sqlalchemy as sa
-from celery import chord
 
 from models import queries, transitions
 from models.db import Database
@@ -128,19 +126,6 @@ def prepare(settings: Settings, db: Database, request: Request, *, max_retries: 
     return dataclasses.replace(recorded, s3_upload_id=s3_upload_id)
 
 
-def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int]) -> None:
-    """One chord: a task per part, then the completion callback. Ids only in the messages."""
-    from workers import app, backend, tasks  # the Celery app is configured from the environment on import
-
-    backend.mark_dispatched(tasks.app, str(upload_id), app.RESULT_EXPIRES)
-    header = [tasks.upload_part.si(str(upload_id), n) for n in part_numbers]
-    try:
-        chord(header)(tasks.complete_upload.s(str(upload_id)))
-    except Exception:
-        backend.forget_dispatch(tasks.app, str(upload_id))
-        raise
-
-
 def recorded_endpoint(client: object) -> str | None:
     """The endpoint the upload is bound to: a custom one (MinIO, R2, ...), or None for AWS
     itself, so that each worker resolves the bucket's regional endpoint on its own."""
@@ -150,7 +135,7 @@ def recorded_endpoint(client: object) -> str | None:
 
 
 def check_broker(settings: Settings) -> None:
-    from workers.app import app
+    from workers.broker import app
 
     try:
         with app.connection_for_write() as connection:

@@ -129,7 +129,7 @@ def _configure_loaded_app(env: dict[str, str]) -> None:
     """If the Celery app was imported before the environment was set, point it at the test broker."""
     import sys
 
-    loaded = sys.modules.get("workers.app")
+    loaded = sys.modules.get("workers.broker")
     if loaded is not None:
         from workers import backend
 

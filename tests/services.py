@@ -187,3 +187,14 @@ def purge_queue(broker_url: str, queue: str, *also: str) -> None:
         broker.delete(queue, f"{queue}.control", *broker.keys(f"_kombu.binding.{queue}*"), *also)
     finally:
         broker.close()
+
+
+def delete_amqp_queues(url: str, *queues: str) -> None:
+    """Remove queues (and their exchanges) that a test declared on RabbitMQ."""
+    import kombu
+
+    with kombu.Connection(url) as connection:
+        channel = connection.default_channel
+        for name in queues:
+            channel.queue_delete(name)
+            channel.exchange_delete(name)

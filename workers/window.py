@@ -193,6 +193,20 @@ def destination_name(endpoint_url: str | None, bucket: str) -> str:
     return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}/{bucket}"
 
 
+_EVICT = """
+local gone = 0
+for _, token in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
+  if string.sub(token, 1, #ARGV[1]) == ARGV[1] then
+    redis.call('ZREM', KEYS[2], token)
+    gone = gone + 1
+  end
+end
+for i = 1, gone do redis.call('LPUSH', KEYS[3], 1) end
+if gone > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
+return gone
+"""
+
+
 class Window:
     """The shared window of one destination."""
 
@@ -205,6 +219,7 @@ class Window:
         self._acquire = client.register_script(_ACQUIRE)
         self._renew = client.register_script(_RENEW)
         self._release = client.register_script(_RELEASE)
+        self._evict = client.register_script(_EVICT)
 
     def try_acquire(self, token: str) -> Slot | None:
         lim = self.limits
@@ -245,6 +260,11 @@ class Window:
             log.info("window %s: %d -> %d (%s)", self.name, before, after, reason,
                      extra={"destination": self.name, "window": after})
         return before, after
+
+    def evict(self, prefix: str) -> int:
+        """Free the slots whose token starts with `prefix` (a dead worker's part: `worker:upload:part:`)
+        at once, rather than when their leases run out; returns how many."""
+        return int(self._evict(keys=list(self.keys), args=[prefix, TTL_SECONDS * 1000]))
 
     def state(self) -> State | None:
         """The window now (None if no part was sent to this destination lately)."""

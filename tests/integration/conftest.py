@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 
@@ -25,3 +27,24 @@ def proxy_and_env(service_env: dict[str, str], s3_endpoint: str,
     backend = redis.Redis.from_url(redis_urls[1])
     backend.delete(f"s3ferry:sign:{queue}:requests")
     backend.close()
+
+
+RABBITMQ_URL = os.environ.get("S3FERRY_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    """RabbitMQ (CI starts it: .ci/run); a missing one fails the tests that need it, never skips them."""
+    parsed = urllib.parse.urlsplit(RABBITMQ_URL)
+    if not services.listening(parsed.hostname or "127.0.0.1", parsed.port or 5672):
+        pytest.fail(f"no RabbitMQ at {RABBITMQ_URL} (start it, or set S3FERRY_TEST_RABBITMQ_URL)")
+    return RABBITMQ_URL
+
+
+@pytest.fixture
+def rabbitmq_env(service_env: dict[str, str], redis_urls: tuple[str, str], rabbitmq_url: str) -> Iterator[dict[str, str]]:
+    """A fleet on RabbitMQ (result backend and window on the test Redis), on a queue of this test's own."""
+    queue = f"s3ferry-amqp-{uuid.uuid4().hex[:8]}"
+    yield {**service_env, "S3FERRY_BROKER_URL": rabbitmq_url, "S3FERRY_RESULT_BACKEND": redis_urls[1],
+           "S3FERRY_QUEUE": queue}
+    services.delete_amqp_queues(rabbitmq_url, queue, f"{queue}.control")

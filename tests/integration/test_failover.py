@@ -8,6 +8,7 @@ proxy (which caps the bandwidth so that parts are in flight long enough to kill 
 from __future__ import annotations
 
 import dataclasses
+import re
 import socket
 import time
 import uuid
@@ -21,20 +22,12 @@ from models import clock, liveness, queries, transitions
 from models.db import Database
 from models.states import PartStatus, UploadStatus
 from models.tables import Part
-from orchestrator import failover
+from orchestrator import failover, scheduler
 from tests import services
 from tests.conftest import sha256_of_object, write_random
 from tests.integration.helpers import FINISHED, MiB, claims_per_part, submit, wait_status, wait_until
-from workers.runtime import Runtime
 
 pytestmark = pytest.mark.integration
-
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672//"
-
-
-def _amqp_up() -> bool:
-    return services.listening("127.0.0.1", 5672)
-
 
 @pytest.fixture(params=["redis", "amqp"])
 def broker_env(request: pytest.FixtureRequest, proxy_and_env, redis_urls: tuple[str, str]) -> Iterator[dict]:  # type: ignore[no-untyped-def]
@@ -43,22 +36,9 @@ def broker_env(request: pytest.FixtureRequest, proxy_and_env, redis_urls: tuple[
     if request.param == "redis":
         yield {**env, "proxy": proxy}
         return
-    if not _amqp_up():  # CI starts RabbitMQ (.ci/run); only a developer's machine may lack it
-        pytest.skip("RabbitMQ is not running on 127.0.0.1:5672")
-    yield {**env, "proxy": proxy, "S3FERRY_BROKER_URL": AMQP_URL, "S3FERRY_RESULT_BACKEND": redis_urls[1]}
-    _delete_amqp_queues(env["S3FERRY_QUEUE"])
-
-
-def _delete_amqp_queues(queue: str) -> None:
-    import kombu
-
-    with kombu.Connection(AMQP_URL) as connection:
-        channel = connection.channel()
-        for name in (queue, f"{queue}.control"):
-            try:
-                channel.queue_delete(name)
-            except Exception:  # noqa: BLE001 - never declared in this run
-                channel = connection.channel()
+    amqp = request.getfixturevalue("rabbitmq_url")
+    yield {**env, "proxy": proxy, "S3FERRY_BROKER_URL": amqp, "S3FERRY_RESULT_BACKEND": redis_urls[1]}
+    services.delete_amqp_queues(amqp, env["S3FERRY_QUEUE"], f"{env['S3FERRY_QUEUE']}.control")
 
 
 @pytest.mark.parametrize("beat", [False, True], ids=["no-beat", "beat"])
@@ -138,11 +118,15 @@ def test_a_callback_that_ran_early_after_a_broker_flush_and_a_kill_completes_wit
         upload_id = submit(env, source, bucket)
         _wait_for_claims(db, upload_id, f"{socket.gethostname()}:{token}:")
         doomed.kill()
-        broker = redis.Redis.from_url(redis_urls[0])
-        try:  # the queue's messages, as a broker that lost its data
+        # Redis loses what it held of this upload: the queued and unacknowledged messages, and the
+        # dispatch's sentinel beside the chord's counters (a FLUSHALL, limited to this test's keys)
+        broker, backend = redis.Redis.from_url(redis_urls[0]), redis.Redis.from_url(redis_urls[1])
+        try:
             broker.delete(env["S3FERRY_QUEUE"], f"{env['S3FERRY_QUEUE']}.control", "unacked", "unacked_index")
+            backend.delete(f"s3ferry:dispatched:{upload_id}")
         finally:
             broker.close()
+            backend.close()
         assert wait_status(db, upload_id, FINISHED, timeout=120) == UploadStatus.COMPLETE
     finally:
         doomed.stop()
@@ -206,7 +190,7 @@ def test_a_dead_holder_is_released_at_once_and_a_live_one_never(  # type: ignore
     time.sleep(0.05)  # the dead holder's record expires (10 ms)
     # what the pass dispatches, kept here: no worker of this test's queue would run it
     dispatched: list[tuple[uuid.UUID, list[int]]] = []
-    monkeypatch.setattr(submitting, "dispatch", lambda u, parts: dispatched.append((u, list(parts))))
+    monkeypatch.setattr(scheduler, "dispatch", lambda u, parts: dispatched.append((u, list(parts))))
     assert not failover.run(settings, db, judge=False, reconcile=False)  # a young judge judges no one
     done = failover.run(settings, db, judge=True, reconcile=False)
     assert done.redispatched == {upload_id: [1]} and dispatched == [(upload_id, [1])]
@@ -215,3 +199,22 @@ def test_a_dead_holder_is_released_at_once_and_a_live_one_never(  # type: ignore
         assert parts[1].status == PartStatus.PENDING
         assert parts[2].worker == "alive:1:1" and parts[3].worker == "unknown:1:1"
         transitions.fail_upload(session, upload_id, "test over")
+
+
+def test_two_workers_on_one_host_with_rabbitmq(rabbitmq_env: dict[str, str], tmp_path: Path) -> None:
+    """Each `s3ferry worker` is a Celery node of its own (not both `celery@HOST`, whose pidbox queue
+    RabbitMQ gives to the first alone: the second used to die at start with ResourceLocked)."""
+    workers = [services.Server(f"worker-{n}", [str(services.BIN / "s3ferry"), "worker", "--concurrency=1"], tmp_path, env=rabbitmq_env)
+               for n in (1, 2)]
+    for worker in workers:
+        worker.ready = lambda worker=worker: " ready." in worker.output()  # type: ignore[misc]
+    try:
+        for worker in workers:
+            worker.start(timeout=120)  # polls its log; fails at once if it exits
+        names = [re.search(r"(\S+@\S+) ready\.", worker.output()).group(1) for worker in workers]  # type: ignore[union-attr]
+        assert names[0] != names[1] and all(name.startswith("s3ferry-") for name in names), names
+        assert all(worker.process is not None and worker.process.poll() is None for worker in workers)
+        assert not any("ResourceLocked" in worker.output() for worker in workers)
+    finally:
+        for worker in workers:
+            worker.stop()

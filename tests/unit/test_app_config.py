@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from models.settings import Settings
-from workers import app as app_module
+from workers import broker as app_module
 
 
 def test_long_idempotent_task_settings() -> None:
