@@ -7,7 +7,7 @@ import datetime as dt
 import uuid
 from collections.abc import Callable
 
-from models import queries
+from models import clock, queries
 from models.db import Database
 from models.settings import format_size
 from models.states import UploadStatus
@@ -60,7 +60,7 @@ def snapshot(db: Database, upload_id: uuid.UUID,
     with db.transaction() as session:
         upload = queries.get_upload(session, upload_id)
         counts = queries.part_counts(session, upload_id)
-        now = dt.datetime.now(dt.UTC)
+        now = clock.read(session)  # the clock the parts' times were written with, not this machine's
         since = now - RATE_WINDOW
         started = _aware(upload.started_at)
         if started and started > since:

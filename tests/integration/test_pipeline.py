@@ -10,7 +10,7 @@ from celery import signals
 
 from models.settings import Settings
 from models.states import UploadStatus
-from orchestrator import cli, submit
+from orchestrator import cli, scheduler, submit
 from tests.conftest import write_random
 from tests.integration.helpers import FINISHED, MiB, wait_status
 
@@ -34,7 +34,7 @@ def test_a_permanent_part_error_fails_the_upload_and_messages_carry_ids_only(  #
 
     signals.before_task_publish.connect(capture, weak=False)
     try:
-        submit.dispatch(prepared.upload_id, [1, 2, 3])
+        scheduler.dispatch(prepared.upload_id, [1, 2, 3])
     finally:
         signals.before_task_publish.disconnect(capture)
 
@@ -75,7 +75,7 @@ def test_transient_errors_are_retried_by_the_worker_and_counted(  # type: ignore
         request = submit.validate(settings, str(path), f"s3://{bucket}/flaky.bin", 5 * MiB)
         prepared = submit.prepare(settings, db, request)
         proxy.reset_next(3)
-        submit.dispatch(prepared.upload_id, [p.number for p in prepared.plan.parts])
+        scheduler.dispatch(prepared.upload_id, [p.number for p in prepared.plan.parts])
 
         assert wait_status(db, prepared.upload_id, FINISHED) == UploadStatus.COMPLETE
     finally:
