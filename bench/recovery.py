@@ -21,13 +21,16 @@ landed again (median of --runs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -63,7 +66,7 @@ def main() -> int:
     results = json.loads(out.read_text()) if out.exists() else {}
     for scenario in args.scenarios.split(","):
         if scenario.startswith("kill-one"):
-            results[scenario] = kill_one_runs(work, source, beat=scenario.endswith("beat"), runs=args.runs)
+            results[scenario] = kill_one_runs(work, source, with_beat=scenario.endswith("beat"), runs=args.runs)
         else:
             results[scenario] = run(work, source, scenario)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -71,7 +74,11 @@ def main() -> int:
     return 0
 
 
-def run(work: Path, source: Path, scenario: str) -> dict[str, object]:
+@contextlib.contextmanager
+def stack(work: Path, **settings: str) -> Iterator[tuple[dict[str, str], FlakyProxy, Database]]:
+    """moto behind a 20 MiB/s proxy, a Redis, a fresh database and the bucket `bench`; yields the
+    environment of s3ferry commands (with `settings`: S3FERRY_* names without the prefix), the
+    proxy and the database. Everything is stopped at the end."""
     moto, endpoint = services.start_moto(work)
     redis_server, redis_url = services.start_redis(work)
     upstream = urlparse(endpoint)
@@ -83,110 +90,100 @@ def run(work: Path, source: Path, scenario: str) -> dict[str, object]:
     env = {"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "b",
            "AWS_SECRET_ACCESS_KEY": "b", "AWS_REGION": "us-east-1", "S3FERRY_DATABASE_URL": db_url,
            "S3FERRY_BROKER_URL": f"{redis_url}/0", "S3FERRY_RESULT_BACKEND": f"{redis_url}/1",
-           "S3FERRY_LEASE_SECONDS": "6", "S3FERRY_STALL_SECONDS": "8", "S3FERRY_RECONCILE_INTERVAL": "2",
-           "S3FERRY_RETRY_BACKOFF_MAX": "2"}
+           **{f"S3FERRY_{name.upper()}": value for name, value in settings.items()}}
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="b",
                  aws_secret_access_key="b").create_bucket(Bucket="bench")
-    workers = [services.start_worker(work, env, f"{scenario}-w{i}", concurrency=2) for i in range(2)]
-    beat = services.Server(f"{scenario}-beat", [str(services.BIN / "s3ferry"), "beat",
-                                                f"--schedule={work / (scenario + '.beat')}"], work, env=env).start()
     db = Database(db_url)
     try:
-        import subprocess
-
-        out = subprocess.run([str(services.BIN / "s3ferry"), "upload", str(source), "s3://bench/big.bin",
-                              "--no-wait"], env=env, capture_output=True, text=True, check=True)
-        upload_id = uuid.UUID(out.stdout.split()[0])
-        while counts(db, upload_id).done < 16 // 2:
-            time.sleep(0.05)
-        in_flight = counts(db, upload_id).in_flight
-        done_at_crash = counts(db, upload_id).done
-        if scenario == "kill-all":
-            for worker in workers:
-                worker.kill()
-            restarted = time.monotonic()
-            for worker in workers:
-                worker.start(timeout=60)
-        else:
-            redis.Redis.from_url(f"{redis_url}/0").flushall()
-            restarted = time.monotonic()
-        while counts(db, upload_id).done <= done_at_crash:
-            time.sleep(0.05)
-        to_next_part = time.monotonic() - restarted
-        while status(db, upload_id) not in ("complete", "failed"):
-            time.sleep(0.2)
-        return {"status": status(db, upload_id), "parts_in_flight_at_crash": in_flight,
-                "bytes_in_flight_at_crash": in_flight * PART,
-                "bytes_resent": max(0, proxy.bytes_up - SIZE),
-                "seconds_from_restart_to_next_part": round(to_next_part, 2)}
+        yield env, proxy, db
     finally:
-        for server in (*workers, beat):
-            server.stop()
         db.dispose()
         proxy.close()
         redis_server.stop()
         moto.stop()
 
 
-def kill_one_runs(work: Path, source: Path, beat: bool, runs: int) -> dict[str, object]:
-    each = [kill_one(work, source, beat, f"{'b' if beat else 'n'}{n}") for n in range(runs)]
+def upload(env: dict[str, str], source: Path, *flags: str) -> uuid.UUID:
+    out = subprocess.run([str(services.BIN / "s3ferry"), "upload", str(source), "s3://bench/big.bin", "--no-wait",
+                          *flags], env=env, capture_output=True, text=True, check=True)
+    return uuid.UUID(out.stdout.split()[0])
+
+
+def beat(work: Path, env: dict[str, str], name: str) -> services.Server:
+    return services.Server(name, [str(services.BIN / "s3ferry"), "beat", f"--schedule={work / (name + '.beat')}"],
+                           work, env=env).start()
+
+
+def run(work: Path, source: Path, scenario: str) -> dict[str, object]:
+    short = {"lease_seconds": "6", "stall_seconds": "8", "reconcile_interval": "2", "retry_backoff_max": "2"}
+    with stack(work, **short) as (env, proxy, db):
+        workers = [services.start_worker(work, env, f"{scenario}-w{i}", concurrency=2) for i in range(2)]
+        servers = [*workers, beat(work, env, f"{scenario}-beat")]
+        try:
+            upload_id = upload(env, source)
+            while counts(db, upload_id).done < 16 // 2:
+                time.sleep(0.05)
+            in_flight = counts(db, upload_id).in_flight
+            done_at_crash = counts(db, upload_id).done
+            if scenario == "kill-all":
+                for worker in workers:
+                    worker.kill()
+                restarted = time.monotonic()
+                for worker in workers:
+                    worker.start(timeout=60)
+            else:
+                redis.Redis.from_url(env["S3FERRY_BROKER_URL"]).flushall()
+                restarted = time.monotonic()
+            while counts(db, upload_id).done <= done_at_crash:
+                time.sleep(0.05)
+            to_next_part = time.monotonic() - restarted
+            while status(db, upload_id) not in ("complete", "failed"):
+                time.sleep(0.2)
+            return {"status": status(db, upload_id), "parts_in_flight_at_crash": in_flight,
+                    "bytes_in_flight_at_crash": in_flight * PART,
+                    "bytes_resent": max(0, proxy.bytes_up - SIZE),
+                    "seconds_from_restart_to_next_part": round(to_next_part, 2)}
+        finally:
+            for server in servers:
+                server.stop()
+
+
+def kill_one_runs(work: Path, source: Path, with_beat: bool, runs: int) -> dict[str, object]:
+    each = [kill_one(work, source, with_beat, f"{'b' if with_beat else 'n'}{n}") for n in range(runs)]
     seconds = [r["seconds_until_its_parts_landed_again"] for r in each]
     return {"runs": each, "median_seconds_until_its_parts_landed_again": statistics.median(seconds),
             "median_bytes_resent": statistics.median(r["bytes_resent"] for r in each)}
 
 
-def kill_one(work: Path, source: Path, beat: bool, tag: str) -> dict[str, object]:
+def kill_one(work: Path, source: Path, with_beat: bool, tag: str) -> dict[str, object]:
     """Three workers, one SIGKILLed mid-part and not restarted; default settings."""
     part = 16 * MiB
-    moto, endpoint = services.start_moto(work)
-    redis_server, redis_url = services.start_redis(work)
-    upstream = urlparse(endpoint)
-    proxy = FlakyProxy(upstream.hostname, upstream.port)
-    proxy.limit(20 * MiB)
-    db_url = sa.make_url("postgresql+psycopg://postgres@127.0.0.1:5432/postgres").set(
-        database=f"s3ferry_recovery_{uuid.uuid4().hex[:8]}").render_as_string(hide_password=False)
-    migrate.upgrade(db_url)
-    env = {"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "b",
-           "AWS_SECRET_ACCESS_KEY": "b", "AWS_REGION": "us-east-1", "S3FERRY_DATABASE_URL": db_url,
-           "S3FERRY_BROKER_URL": f"{redis_url}/0", "S3FERRY_RESULT_BACKEND": f"{redis_url}/1"}
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="b",
-                 aws_secret_access_key="b").create_bucket(Bucket="bench")
-    token = uuid.uuid4().hex[:8]
-    doomed = services.start_worker(work, {**env, "S3FERRY_NODE_TOKEN": token}, f"kill-one-{tag}-doomed", 2)
-    workers = [doomed] + [services.start_worker(work, env, f"kill-one-{tag}-w{i}", 2) for i in range(2)]
-    servers = list(workers)
-    if beat:
-        servers.append(services.Server(f"kill-one-{tag}-beat", [str(services.BIN / "s3ferry"), "beat",
-                                       f"--schedule={work / (tag + '.beat')}"], work, env=env).start())
-    db = Database(db_url)
-    prefix = f"{socket.gethostname()}:{token}:"
-    try:
-        import subprocess
-
-        out = subprocess.run([str(services.BIN / "s3ferry"), "upload", str(source), "s3://bench/big.bin",
-                              "--part-size", "16MiB", "--no-wait"], env=env, capture_output=True, text=True, check=True)
-        upload_id = uuid.UUID(out.stdout.split()[0])
-        held: list[int] = []
-        while not held:
-            held = claimed_by(db, upload_id, prefix)
-            time.sleep(0.02)
-        doomed.kill()
-        killed = time.monotonic()
-        while not all_done(db, upload_id, held):
-            time.sleep(0.05)
-        landed_again = time.monotonic() - killed
-        while status(db, upload_id) not in ("complete", "failed"):
-            time.sleep(0.2)
-        return {"status": status(db, upload_id), "parts_it_held": len(held), "bytes_it_held": len(held) * part,
-                "seconds_until_its_parts_landed_again": round(landed_again, 2),
-                "bytes_resent": max(0, proxy.bytes_up - SIZE)}
-    finally:
-        for server in servers:
-            server.stop()
-        db.dispose()
-        proxy.close()
-        redis_server.stop()
-        moto.stop()
+    with stack(work) as (env, proxy, db):
+        token = uuid.uuid4().hex[:8]
+        doomed = services.start_worker(work, {**env, "S3FERRY_NODE_TOKEN": token}, f"kill-one-{tag}-doomed", 2)
+        servers = [doomed] + [services.start_worker(work, env, f"kill-one-{tag}-w{i}", 2) for i in range(2)]
+        if with_beat:
+            servers.append(beat(work, env, f"kill-one-{tag}-beat"))
+        prefix = f"{socket.gethostname()}:{token}:"
+        try:
+            upload_id = upload(env, source, "--part-size", "16MiB")
+            held: list[int] = []
+            while not held:
+                held = claimed_by(db, upload_id, prefix)
+                time.sleep(0.02)
+            doomed.kill()
+            killed = time.monotonic()
+            while not all_done(db, upload_id, held):
+                time.sleep(0.05)
+            landed_again = time.monotonic() - killed
+            while status(db, upload_id) not in ("complete", "failed"):
+                time.sleep(0.2)
+            return {"status": status(db, upload_id), "parts_it_held": len(held), "bytes_it_held": len(held) * part,
+                    "seconds_until_its_parts_landed_again": round(landed_again, 2),
+                    "bytes_resent": max(0, proxy.bytes_up - SIZE)}
+        finally:
+            for server in servers:
+                server.stop()
 
 
 def claimed_by(db: Database, upload_id: uuid.UUID, prefix: str) -> list[int]:

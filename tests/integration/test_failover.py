@@ -21,8 +21,10 @@ import sqlalchemy as sa
 from models import clock, liveness, queries, transitions
 from models.db import Database
 from models.states import PartStatus, UploadStatus
+from models.settings import Settings
 from models.tables import Part
 from orchestrator import failover, scheduler
+from orchestrator import submit as submitting
 from tests import services
 from tests.conftest import sha256_of_object, write_random
 from tests.integration.helpers import FINISHED, MiB, claims_per_part, submit, wait_status, wait_until
@@ -138,22 +140,26 @@ def test_a_callback_that_ran_early_after_a_broker_flush_and_a_kill_completes_wit
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
+def _started(db: Database, tmp_path: Path, bucket: str, parts: int) -> tuple[Settings, uuid.UUID]:
+    """An upload in progress on a queue of its own (no worker of the session takes it), never sent."""
+    settings = dataclasses.replace(Settings.from_env(), queue=f"failover-{uuid.uuid4().hex[:6]}")
+    source = tmp_path / "unsent.bin"
+    write_random(source, parts * 5 * MiB)
+    request = submitting.validate(settings, str(source), f"s3://{bucket}/unsent.bin", 5 * MiB)
+    upload_id = submitting.record(settings, db, request).upload_id
+    with db.transaction() as session:
+        transitions.start_upload(session, upload_id, None, "test")
+    return settings, upload_id
+
+
 def test_a_skewed_worker_clock_cannot_take_a_live_claim(db: Database, service_env: dict, tmp_path: Path,
-                                                        s3, bucket: str) -> None:  # type: ignore[no-untyped-def]
+                                                        bucket: str) -> None:
     """Claims are judged by the database's clock: a worker whose clock runs 3 minutes ahead (or
     behind) neither takes a claim that is live nor keeps its own past its lease."""
     import time_machine
 
-    from orchestrator import submit as submitting
-    from models.settings import Settings
-
-    settings = Settings.from_env()
-    source = tmp_path / "skew.bin"
-    write_random(source, 2 * 5 * MiB)
-    request = submitting.validate(settings, str(source), f"s3://{bucket}/skew.bin", 5 * MiB)
-    upload_id = submitting.record(settings, db, request).upload_id
+    _, upload_id = _started(db, tmp_path, bucket, parts=2)
     with db.transaction() as session:
-        transitions.start_upload(session, upload_id, None, "test")
         claim = transitions.claim_part(session, upload_id, 1, "honest:1:1", 30)
         assert claim.outcome is transitions.ClaimOutcome.CLAIMED
         liveness.beat(session, "honest:1:1", 30)
@@ -176,21 +182,12 @@ def test_a_dead_holder_is_released_at_once_and_a_live_one_never(  # type: ignore
         db: Database, service_env: dict, tmp_path: Path, bucket: str, monkeypatch) -> None:
     """The recovery pass releases the claims of a process whose liveness record expired, keeps
     those of live (or unknown) holders, and judges no one while its own heartbeat is young."""
-    from models.settings import Settings
-    from orchestrator import submit as submitting
-
-    settings = dataclasses.replace(Settings.from_env(), queue=f"failover-{uuid.uuid4().hex[:6]}")
-    source = tmp_path / "judge.bin"
-    write_random(source, 3 * 5 * MiB)
-    request = submitting.validate(settings, str(source), f"s3://{bucket}/judge.bin", 5 * MiB)
-    upload_id = submitting.record(settings, db, request).upload_id
+    settings, upload_id = _started(db, tmp_path, bucket, parts=3)
     with db.transaction() as session:
-        transitions.start_upload(session, upload_id, None, "test")
         for number, holder in ((1, "dead:1:1"), (2, "alive:1:1"), (3, "unknown:1:1")):
             transitions.claim_part(session, upload_id, number, holder, 120)
-        liveness.beat(session, "dead:1:1", 0.01)
+        liveness.beat(session, "dead:1:1", -1)  # its record expired a second ago
         liveness.beat(session, "alive:1:1", 60)
-    time.sleep(0.05)  # the dead holder's record expires (10 ms)
     # what the pass dispatches, kept here: no worker of this test's queue would run it
     dispatched: list[tuple[uuid.UUID, list[int]]] = []
     monkeypatch.setattr(scheduler, "dispatch", lambda u, parts: dispatched.append((u, list(parts))))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -154,7 +155,8 @@ def test_parts_that_outlive_the_soft_shutdown_are_released_at_once(  # type: ign
         os.kill(first.process.pid, signal.SIGTERM)
         first.process.wait(60)
         assert _in_flight(db, upload_id) == 0  # released at shutdown, not 120 s later by lease expiry
-        assert "released 2 part claim(s) at shutdown" in first.output()
+        # by the node as it exits, or by its own recovery pass once its pool processes retired
+        assert re.search(r"released 2 part claim\(s\) at shutdown|released 2 part\(s\) of a dead", first.output())
     finally:
         first.stop()
     crawl.limit(None)
