@@ -512,11 +512,14 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
 
 def worker_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
     """`s3ferry worker`'s Celery command line."""
-    from workers.broker import control_queue
+    from workers.broker import control_queue, recovered_queue
 
-    # In presigned mode a worker holds no credentials: the control queue (completion,
-    # reconciler, sweeper, scheduler) is `s3ferry signer`'s.
-    queues = settings.queue if settings.presigned else f"{settings.queue},{control_queue(settings.queue)}"
+    # Parts, and the parts the recovery pass handed on from a dead worker (served ahead of the
+    # parts still waiting). In presigned mode a worker holds no credentials: the control queue
+    # (completion, reconciler, sweeper, scheduler) is `s3ferry signer`'s.
+    queues = f"{settings.queue},{recovered_queue(settings.queue)}"
+    if not settings.presigned:
+        queues += f",{control_queue(settings.queue)}"
     return ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}", f"--pool={args.pool}",
             f"--queues={queues}", f"--hostname={args.hostname or node_name('s3ferry')}"]
 

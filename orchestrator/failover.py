@@ -70,7 +70,7 @@ def run(settings: Settings, db: Database, judge: bool, reconcile: bool = True, s
         if judge:
             done.redispatched = _hand_on_claims(db, settings.queue, redis)
             if redis is not None and held_messages:
-                for upload_id, numbers in _hand_on_held(db, settings.queue, redis).items():
+                for upload_id, numbers in _hand_on_held(db, settings.queue, redis, done.redispatched).items():
                     done.redispatched.setdefault(upload_id, []).extend(numbers)
             done.completions = _hand_on_completions(settings, db)
         if reconcile:
@@ -96,7 +96,7 @@ def _hand_on_claims(db: Database, queue: str, redis: Redis | None) -> dict[uuid.
         if redis is not None:
             _free_slots(redis, [row for row in lapsed if row.upload_id == upload_id and row.part_number in released])
         if released and status == UploadStatus.IN_PROGRESS:
-            scheduler.dispatch(upload_id, released)
+            scheduler.dispatch(upload_id, released, recovered=True)
             redispatched[upload_id] = released
             log.warning("released %d part(s) of a dead or hung worker and dispatched them again: %s",
                         len(released), released[:10], extra={"upload_id": str(upload_id)})
@@ -113,9 +113,11 @@ def _free_slots(client: Redis, rows: Iterable[sa.Row]) -> None:
             log.warning("could not free a dead worker's window slot: %s", error)
 
 
-def _hand_on_held(db: Database, queue: str, client: Redis) -> dict[uuid.UUID, list[int]]:
+def _hand_on_held(db: Database, queue: str, client: Redis,
+                  redispatched_now: dict[uuid.UUID, list[int]]) -> dict[uuid.UUID, list[int]]:
     """Dispatch again the part messages that dead nodes held (received, not acknowledged), where
-    the part is still neither done nor claimed: Redis would return them only hours later."""
+    the part is still neither done nor claimed nor just dispatched by this pass: Redis would
+    return them only hours later."""
     noted = held.nodes(client, queue)
     if not noted:
         return {}
@@ -129,9 +131,9 @@ def _hand_on_held(db: Database, queue: str, client: Redis) -> dict[uuid.UUID, li
                 wanted.setdefault(uuid.UUID(upload_id), set()).add(number)
     redispatched = {}
     for upload_id, numbers in wanted.items():
-        missing = _unclaimed(db, upload_id, numbers, queue)
+        missing = _unclaimed(db, upload_id, numbers - set(redispatched_now.get(upload_id, ())), queue)
         if missing:
-            scheduler.dispatch(upload_id, missing)
+            scheduler.dispatch(upload_id, missing, recovered=True)
             redispatched[upload_id] = missing
             log.warning("dispatched again %d part message(s) that a dead worker held: %s", len(missing),
                         missing[:10], extra={"upload_id": str(upload_id)})
@@ -140,10 +142,13 @@ def _hand_on_held(db: Database, queue: str, client: Redis) -> dict[uuid.UUID, li
 
 def _unclaimed(db: Database, upload_id: uuid.UUID, numbers: Iterable[int], queue: str) -> list[int]:
     """Of these parts of an upload in progress (of `queue`), those neither done nor claimed."""
+    numbers = sorted(numbers)
+    if not numbers:
+        return []
     with db.transaction() as session:
         return list(session.scalars(
             sa.select(Part.part_number).join(Upload)
-            .where(Part.upload_id == upload_id, Part.part_number.in_(sorted(numbers)), Upload.queue == queue,
+            .where(Part.upload_id == upload_id, Part.part_number.in_(numbers), Upload.queue == queue,
                    Upload.status == UploadStatus.IN_PROGRESS, Part.status != PartStatus.DONE,
                    sa.not_(transitions.live_claim()))
             .order_by(Part.part_number)))

@@ -120,13 +120,14 @@ def ensure_multipart(db: Database, upload_id: uuid.UUID) -> bool:
     return True
 
 
-def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int]) -> None:
-    """One chord: a task per part, then the completion callback. Ids only in the messages."""
+def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int], recovered: bool = False) -> None:
+    """One chord: a task per part, then the completion callback. Ids only in the messages.
+    `recovered`: parts handed on from a dead worker, sent ahead of the parts still waiting."""
     from workers import backend, broker  # the Celery app is configured from the environment on import
 
     backend.mark_dispatched(broker.app, str(upload_id), broker.RESULT_EXPIRES)
     try:
-        broker.dispatch_chord(str(upload_id), list(part_numbers))
+        broker.dispatch_chord(str(upload_id), list(part_numbers), recovered)
     except Exception:
         backend.forget_dispatch(broker.app, str(upload_id))
         raise

@@ -184,7 +184,8 @@ def purge_queue(broker_url: str, queue: str, *also: str) -> None:
 
     broker = redis.Redis.from_url(broker_url)
     try:
-        broker.delete(queue, f"{queue}.control", *broker.keys(f"_kombu.binding.{queue}*"), *also)
+        broker.delete(queue, f"{queue}.control", f"{queue}.recovered", *broker.keys(f"_kombu.binding.{queue}*"),
+                      *also)
     finally:
         broker.close()
 

@@ -96,13 +96,21 @@ def make_app(settings: Settings) -> Celery:
 app = make_app(Settings.from_env())
 
 
+def recovered_queue(queue: str) -> str:
+    """Where the recovery pass sends the parts it hands on: every part worker consumes it beside
+    the parts queue, so those parts go next instead of behind every part still waiting."""
+    return f"{queue}.recovered"
+
+
 def send(name: str, *args: object) -> None:
     """Send task `name` (routed as configured: control tasks to the control queue)."""
     app.send_task(name, args=args)
 
 
-def dispatch_chord(upload_id: str, part_numbers: list[int]) -> None:
-    """One chord: s3ferry.upload_part(upload_id, n) for each part, then
-    s3ferry.complete_upload(collected results, upload_id). Ids only in the messages."""
-    header = [app.signature("s3ferry.upload_part", args=(upload_id, n), immutable=True) for n in part_numbers]
+def dispatch_chord(upload_id: str, part_numbers: list[int], recovered: bool = False) -> None:
+    """One chord: s3ferry.upload_part(upload_id, n) for each part (on the recovered queue if
+    `recovered`), then s3ferry.complete_upload(collected results, upload_id). Ids only in the messages."""
+    options = {"queue": recovered_queue(app.conf.task_default_queue)} if recovered else {}
+    header = [app.signature("s3ferry.upload_part", args=(upload_id, n), immutable=True, **options)
+              for n in part_numbers]
     chord(header, app=app)(app.signature("s3ferry.complete_upload", args=(upload_id,)))

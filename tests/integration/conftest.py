@@ -47,4 +47,4 @@ def rabbitmq_env(service_env: dict[str, str], redis_urls: tuple[str, str], rabbi
     queue = f"s3ferry-amqp-{uuid.uuid4().hex[:8]}"
     yield {**service_env, "S3FERRY_BROKER_URL": rabbitmq_url, "S3FERRY_RESULT_BACKEND": redis_urls[1],
            "S3FERRY_QUEUE": queue}
-    services.delete_amqp_queues(rabbitmq_url, queue, f"{queue}.control")
+    services.delete_amqp_queues(rabbitmq_url, queue, f"{queue}.control", f"{queue}.recovered")

@@ -40,7 +40,8 @@ def broker_env(request: pytest.FixtureRequest, proxy_and_env, redis_urls: tuple[
         return
     amqp = request.getfixturevalue("rabbitmq_url")
     yield {**env, "proxy": proxy, "S3FERRY_BROKER_URL": amqp, "S3FERRY_RESULT_BACKEND": redis_urls[1]}
-    services.delete_amqp_queues(amqp, env["S3FERRY_QUEUE"], f"{env['S3FERRY_QUEUE']}.control")
+    queue = env["S3FERRY_QUEUE"]
+    services.delete_amqp_queues(amqp, queue, f"{queue}.control", f"{queue}.recovered")
 
 
 @pytest.mark.parametrize("beat", [False, True], ids=["no-beat", "beat"])
@@ -127,7 +128,8 @@ def test_a_callback_that_ran_early_after_a_broker_flush_and_a_kill_completes_wit
         # dispatch's sentinel beside the chord's counters (a FLUSHALL, limited to this test's keys)
         broker, backend = redis.Redis.from_url(redis_urls[0]), redis.Redis.from_url(redis_urls[1])
         try:
-            broker.delete(env["S3FERRY_QUEUE"], f"{env['S3FERRY_QUEUE']}.control", "unacked", "unacked_index")
+            queue = env["S3FERRY_QUEUE"]
+            broker.delete(queue, f"{queue}.control", f"{queue}.recovered", "unacked", "unacked_index")
             backend.delete(f"s3ferry:dispatched:{upload_id}")
         finally:
             broker.close()
@@ -190,7 +192,7 @@ def test_a_dead_holder_is_released_at_once_and_a_live_one_never(  # type: ignore
         liveness.beat(session, "alive:1:1", 60)
     # what the pass dispatches, kept here: no worker of this test's queue would run it
     dispatched: list[tuple[uuid.UUID, list[int]]] = []
-    monkeypatch.setattr(scheduler, "dispatch", lambda u, parts: dispatched.append((u, list(parts))))
+    monkeypatch.setattr(scheduler, "dispatch", lambda u, parts, recovered: dispatched.append((u, list(parts))))
     assert not failover.run(settings, db, judge=False, reconcile=False)  # a young judge judges no one
     done = failover.run(settings, db, judge=True, reconcile=False)
     assert done.redispatched == {upload_id: [1]} and dispatched == [(upload_id, [1])]

@@ -84,7 +84,7 @@ def test_a_worker_has_a_node_name_of_its_own_by_default() -> None:
 
     argv = cli.worker_argv(parse("worker"), FLEET)
     assert f"--hostname=s3ferry-{runtime.NODE_TOKEN}@%h" in argv
-    assert "--queues=q,q.control" in argv and "--concurrency=4" in argv
+    assert "--queues=q,q.recovered,q.control" in argv and "--concurrency=4" in argv
     assert cli.node_name("signer") == f"signer-{runtime.NODE_TOKEN}@%h"
 
 

@@ -144,7 +144,7 @@ def test_the_scaled_object_scales_the_workers_on_the_celery_queues(rendered: lis
     scaled = find(rendered, "ScaledObject", "s3ferry-worker")["spec"]
     assert scaled["scaleTargetRef"]["name"] == "s3ferry-worker"
     queue = config["S3FERRY_QUEUE"]
-    assert {t["metadata"]["listName"] for t in scaled["triggers"]} == {queue, f"{queue}.control"}
+    assert {t["metadata"]["listName"] for t in scaled["triggers"]} == {queue, f"{queue}.control", f"{queue}.recovered"}
     assert all(t["type"] == "redis" for t in scaled["triggers"])
     assert scaled["minReplicaCount"] >= 1  # completions and the reconciler need a worker even with no part queued
     # more pods than the window can use only wait for slots
