@@ -43,6 +43,7 @@ EXPIRED = (b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied</
 @dataclasses.dataclass
 class Faults:
     latency: float = 0.0  # seconds added before forwarding
+    latency_methods: tuple[str, ...] | None = None  # which requests get the latency (None: all)
     slowdown_share: float = 0.0  # share of requests answered 503 SlowDown
     error_share: float = 0.0  # share of requests answered 500 InternalError
     slowdown_above: int | None = None  # 503 SlowDown while more than this many requests are in flight
@@ -170,7 +171,7 @@ class _Handler(BaseHTTPRequestHandler):
             query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
             length = int(self.headers.get("Content-Length") or 0)
             applies = self.command in faults.only_methods
-            if faults.latency:
+            if faults.latency and (faults.latency_methods is None or self.command in faults.latency_methods):
                 time.sleep(faults.latency)
             if faults.check_expiry and expired(query):
                 proxy._count("expired")

@@ -142,6 +142,42 @@ def test_a_callback_that_ran_early_after_a_broker_flush_and_a_kill_completes_wit
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
 
 
+def test_a_worker_killed_while_completing_hands_the_completion_on(  # type: ignore[no-untyped-def]
+        proxy_and_env, tmp_path: Path, workdir: Path, db: Database, s3, bucket: str) -> None:
+    """CompleteMultipartUpload takes seconds (the proxy delays POSTs); the worker running it is
+    SIGKILLed: the survivor's recovery pass sees the completer dead and completes the upload,
+    with no beat and long before Redis would return the message."""
+    proxy, env = proxy_and_env
+    proxy.configure(latency=4, latency_methods=("POST",))
+    source = tmp_path / "completing.bin"
+    sha256 = write_random(source, 3 * 5 * MiB)
+    tag = uuid.uuid4().hex[:4]
+    tokens = [uuid.uuid4().hex[:8] for _ in range(2)]
+    workers = {token: services.start_worker(workdir, {**env, "S3FERRY_NODE_TOKEN": token}, f"{n}-{tag}", 2)
+               for n, token in zip(("first", "second"), tokens, strict=True)}
+    try:
+        upload_id = submit(env, source, bucket)
+        completer: list[str] = []
+
+        def completing() -> bool:
+            with db.transaction() as session:
+                upload = queries.get_upload(session, upload_id)
+            if upload.status == UploadStatus.COMPLETING and upload.completer:
+                completer.append(upload.completer)
+            return bool(completer)
+
+        wait_until(completing, timeout=120)
+        doomed = next(token for token in tokens if completer[0].startswith(f"{socket.gethostname()}:{token}:"))
+        workers[doomed].kill()  # mid-CompleteMultipartUpload
+        assert wait_status(db, upload_id, FINISHED, timeout=90) == UploadStatus.COMPLETE
+        survivor = next(w for token, w in workers.items() if token != doomed)
+        assert "completion dispatched again" in survivor.output()
+    finally:
+        for worker in workers.values():
+            worker.stop()
+    assert sha256_of_object(s3, bucket, source.name) == sha256
+
+
 def _started(db: Database, tmp_path: Path, bucket: str, parts: int) -> tuple[Settings, uuid.UUID]:
     """An upload in progress on a queue of its own (no worker of the session takes it), never sent."""
     settings = dataclasses.replace(Settings.from_env(), queue=f"failover-{uuid.uuid4().hex[:6]}")
