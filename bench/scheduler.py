@@ -54,7 +54,7 @@ def main() -> int:
         for _ in range(200):
             with db.transaction() as session:
                 start = time.perf_counter()
-                picked = scheduler.next_queued(session)
+                picked = scheduler.next_queued(session, "s3ferry")
                 timings.append((time.perf_counter() - start) * 1000)
         expected = max(rows, key=lambda r: (r["priority"], -rows.index(r)))
         assert picked is not None and picked.priority == expected["priority"]

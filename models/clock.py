@@ -4,7 +4,7 @@ Leases, liveness, stall and sweep ages are compared across processes and
 machines, so they are never computed from a worker's wall clock (which may
 run minutes off): every such time is the database server's, written and
 compared inside the SQL statement itself (`now()`), at no extra round trip.
-PostgreSQL's `clock_timestamp()` is the time of the statement, not of the
+PostgreSQL's `statement_timestamp()` is the time the statement started, not the
 transaction's start; SQLite's (single-machine mode) is this machine's clock,
 written in the text form SQLAlchemy uses for its DateTime columns so that
 stored and computed times compare as text.
@@ -35,7 +35,7 @@ class now(expression.FunctionElement):  # noqa: N801 - reads as the SQL function
 @compiler.compiles(now, "postgresql")
 def _now_postgresql(element: now, ddl: compiler.SQLCompiler, **kw: object) -> str:
     offset = ddl.process(element.clauses, **kw)
-    return f"(clock_timestamp() + make_interval(secs => CAST({offset} AS double precision)))"
+    return f"(statement_timestamp() + make_interval(secs => CAST({offset} AS double precision)))"
 
 
 @compiler.compiles(now, "sqlite")

@@ -104,8 +104,11 @@ class Part(Base):
     checksum: orm.Mapped[str | None] = orm.mapped_column(sa.String(64))
     attempts: orm.Mapped[int] = orm.mapped_column(sa.Integer, default=0)
     last_error: orm.Mapped[str | None] = orm.mapped_column(sa.Text)
-    #: who holds the claim while in_flight (a worker process: see WorkerProcess), and until when
+    #: the claim while in_flight: its own token (`process/delivery`: one delivery of the part
+    #: holds it, not every thread of the process), the process holding it (its liveness record:
+    #: see WorkerProcess), and until when
     worker: orm.Mapped[str | None] = orm.mapped_column(sa.String(255))
+    holder: orm.Mapped[str | None] = orm.mapped_column(sa.String(255))
     lease_expires_at: orm.Mapped[dt.datetime | None]
     started_at: orm.Mapped[dt.datetime | None]
     finished_at: orm.Mapped[dt.datetime | None]
@@ -144,3 +147,14 @@ class WorkerProcess(Base):
     expires_at: orm.Mapped[dt.datetime]
 
     __table_args__ = (sa.Index("ix_workers_expires_at", "expires_at"),)
+
+
+class RecoveryTurn(Base):
+    """Whose turn it is to run a part of the recovery pass (orchestrator/failover.py): a lease on
+    the database's clock, so that one pass at a time runs fleet-wide, through any pooler."""
+
+    __tablename__ = "recovery_turns"
+
+    name: orm.Mapped[str] = orm.mapped_column(sa.String(255), primary_key=True)
+    holder: orm.Mapped[str | None] = orm.mapped_column(sa.String(255))
+    until: orm.Mapped[dt.datetime]

@@ -86,7 +86,8 @@ def retry_failed(session: orm.Session, upload_id: uuid.UUID, reason: str) -> boo
     reset = sa.update(Part).where(Part.upload_id == upload_id, sa.not_(live_claim()))
     if kept:
         reset = reset.where(Part.status != PartStatus.DONE)
-    session.execute(reset.values(status=PartStatus.PENDING, attempts=0, worker=None, lease_expires_at=None,
+    session.execute(reset.values(status=PartStatus.PENDING, attempts=0, worker=None, holder=None,
+                                 lease_expires_at=None,
                                  **({} if kept else {"etag": None, "checksum": None, "finished_at": None})))
     return kept
 
@@ -167,10 +168,11 @@ class Claim:
     upload: Upload
 
 
-def would_claim(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str) -> tuple[bool, Upload]:
+def would_claim(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
+                judge: bool = False) -> tuple[bool, Upload]:
     """Whether claim_part would claim the part now (read-only, no locks: a hint that may be stale
     by the time of the claim), and the upload."""
-    row = session.execute(sa.select(Upload, Part.status, Part.worker, live_claim().label("live"))
+    row = session.execute(sa.select(Upload, Part.status, Part.worker, live_claim(judge).label("live"))
                           .join(Part, Part.upload_id == Upload.id)
                           .where(Upload.id == upload_id, Part.part_number == number)).first()
     if row is None:
@@ -181,10 +183,12 @@ def would_claim(session: orm.Session, upload_id: uuid.UUID, number: int, worker:
 
 
 def claim_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
-               lease_seconds: float) -> Claim:
-    """Claim a part before reading any byte of it: pending, failed, or in flight with an expired lease."""
+               lease_seconds: float, judge: bool = False, holder: str | None = None) -> Claim:
+    """Claim a part before reading any byte of it: pending, failed, or in flight with an expired
+    lease (or, with `judge`, a dead holder: see live_claim). `worker` is the claim's token,
+    `holder` the process whose liveness stands for it (default: the token itself)."""
     upload = _lock_upload(session, upload_id, write=False)
-    part, lapse = _lock_part_and_claim(session, upload_id, number)
+    part, lapse = _lock_part_and_claim(session, upload_id, number, judge)
     if part.status == PartStatus.DONE:
         return Claim(ClaimOutcome.DONE, part, upload)
     if upload.status != UploadStatus.IN_PROGRESS:
@@ -193,7 +197,7 @@ def claim_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: 
         return Claim(ClaimOutcome.HELD, part, upload)
     reason = "claimed" if part.status != PartStatus.IN_FLIGHT else f"{lapse}; reclaimed"
     claimed = _move_part(session, part, PartStatus.IN_FLIGHT, f"{reason} by {worker}",
-                         worker=worker, lease_expires_at=clock.now(lease_seconds),
+                         worker=worker, holder=holder or worker, lease_expires_at=clock.now(lease_seconds),
                          started_at=clock.now(), attempts=Part.attempts + 1)
     return Claim(ClaimOutcome.CLAIMED, claimed, upload)
 
@@ -230,7 +234,7 @@ def finish_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker:
     if held_by_other or part.status == PartStatus.FAILED:
         return None
     return _move_part(session, part, PartStatus.DONE, reason, etag=etag, checksum=checksum,
-                      worker=None, lease_expires_at=None, finished_at=clock.now(), last_error=None)
+                      worker=None, holder=None, lease_expires_at=None, finished_at=clock.now(), last_error=None)
 
 
 def same_etag(a: str | None, b: str | None) -> bool:
@@ -255,7 +259,7 @@ def release_for_retry(session: orm.Session, upload_id: uuid.UUID, number: int, w
         values.update(retry_count=Upload.retry_count + 1, last_retry_at=clock.now())
     session.execute(sa.update(Upload).where(Upload.id == upload_id).values(**values))
     return _move_part(session, part, PartStatus.PENDING, f"{'retry' if counted else 'released'}: {error}",
-                      worker=None, lease_expires_at=None, last_error=error,
+                      worker=None, holder=None, lease_expires_at=None, last_error=error,
                       attempts=Part.attempts if counted else Part.attempts - 1)
 
 
@@ -277,21 +281,22 @@ def fail_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: s
     part = _lock_part(session, upload_id, number)
     if part.status != PartStatus.IN_FLIGHT or part.worker != worker:
         return None
-    return _move_part(session, part, PartStatus.FAILED, error, worker=None, lease_expires_at=None,
+    return _move_part(session, part, PartStatus.FAILED, error, worker=None, holder=None, lease_expires_at=None,
                       last_error=error, finished_at=clock.now())
 
 
-def release_lapsed(session: orm.Session, upload_id: uuid.UUID) -> list[int]:
-    """Parts in flight whose holder is dead (its liveness record expired) or whose lease ran
-    out (it hangs) go back to pending; returns their numbers."""
+def release_lapsed(session: orm.Session, upload_id: uuid.UUID, judge: bool = False) -> list[int]:
+    """Parts in flight whose lease ran out (their holder hangs) or, with `judge`, whose holder is
+    dead (its liveness record expired) go back to pending; returns their numbers."""
     _lock_upload(session, upload_id, write=True)
     lapsed = session.execute(
-        sa.select(Part, _lapse()).where(Part.upload_id == upload_id, Part.status == PartStatus.IN_FLIGHT,
-                                        sa.not_(live_claim()))
+        sa.select(Part, _lapse(judge)).where(Part.upload_id == upload_id, Part.status == PartStatus.IN_FLIGHT,
+                                             sa.not_(live_claim(judge)))
         .order_by(Part.part_number).with_for_update(of=Part).execution_options(populate_existing=True)
     ).all()
     for part, lapse in lapsed:
-        _move_part(session, part, PartStatus.PENDING, lapse or "claim lapsed", worker=None, lease_expires_at=None)
+        _move_part(session, part, PartStatus.PENDING, lapse or "claim lapsed", worker=None, holder=None,
+                   lease_expires_at=None)
     return [part.part_number for part, _ in lapsed]
 
 
@@ -306,7 +311,7 @@ def adopt_part(session: orm.Session, upload_id: uuid.UUID, number: int, etag: st
     if part.status == PartStatus.IN_FLIGHT and lapse is None:
         return None
     return _move_part(session, part, PartStatus.DONE, reason, etag=etag, checksum=checksum, worker=None,
-                      lease_expires_at=None, finished_at=clock.now(), last_error=None)
+                      holder=None, lease_expires_at=None, finished_at=clock.now(), last_error=None)
 
 
 def take_dispatch_ticket(session: orm.Session, upload_id: uuid.UUID, unless_within: float | None) -> bool:
@@ -354,10 +359,11 @@ def _lock_part(session: orm.Session, upload_id: uuid.UUID, number: int) -> Part:
     return part
 
 
-def _lock_part_and_claim(session: orm.Session, upload_id: uuid.UUID, number: int) -> tuple[Part, str | None]:
+def _lock_part_and_claim(session: orm.Session, upload_id: uuid.UUID, number: int,
+                         judge: bool = False) -> tuple[Part, str | None]:
     """The part, locked, and why its claim has lapsed (None while a live claim holds it)."""
     row = session.execute(
-        sa.select(Part, _lapse()).where(Part.upload_id == upload_id, Part.part_number == number)
+        sa.select(Part, _lapse(judge)).where(Part.upload_id == upload_id, Part.part_number == number)
         .with_for_update(of=Part).execution_options(populate_existing=True)
     ).first()
     if row is None:
@@ -388,18 +394,22 @@ def _move_part(session: orm.Session, part: Part, to: PartStatus, reason: str, **
     return moved
 
 
-def live_claim() -> sa.ColumnElement[bool]:
-    """SQL: a worker holds a live claim on the part: in flight, its lease not run out, and its
-    holder not known dead (by the database's clock: no worker's own clock decides)."""
-    return sa.and_(Part.status == PartStatus.IN_FLIGHT, Part.lease_expires_at > clock.now(),
-                   sa.not_(liveness.dead(Part.worker)))
+def live_claim(judge: bool = False) -> sa.ColumnElement[bool]:
+    """SQL: a worker holds a live claim on the part: in flight and its lease not run out (by the
+    database's clock: no worker's own clock decides); with `judge`, also its holder not known
+    dead. Only a caller whose own heartbeat has gone unbroken for the liveness time judges: after
+    a database outage every record has expired, the live holders' with the rest, until they beat."""
+    live = sa.and_(Part.status == PartStatus.IN_FLIGHT, Part.lease_expires_at.is_not(None),
+                   Part.lease_expires_at > clock.now())
+    return sa.and_(live, sa.not_(liveness.dead(Part.holder))) if judge else live
 
 
-def _lapse() -> sa.ColumnElement[str | None]:
-    """SQL: why an in-flight part's claim has lapsed, or NULL while it is live."""
+def _lapse(judge: bool = False) -> sa.ColumnElement[str | None]:
+    """SQL: why an in-flight part's claim has lapsed, or NULL while it is live (see live_claim)."""
+    dead = ((liveness.dead(Part.holder), sa.literal("holder ") + sa.func.coalesce(Part.holder, "") + " is dead"),)
     return sa.case(
         (Part.status != PartStatus.IN_FLIGHT, sa.null()),
-        (liveness.dead(Part.worker), sa.literal("holder ") + sa.func.coalesce(Part.worker, "") + " is dead"),
+        *(dead if judge else ()),
         (sa.or_(Part.lease_expires_at.is_(None), Part.lease_expires_at <= clock.now()),
          sa.literal("lease of ") + sa.func.coalesce(Part.worker, "") + " expired"),
         else_=sa.null())

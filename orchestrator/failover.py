@@ -2,15 +2,20 @@
 
 A dead worker process (SIGKILL, OOM, a drained node) stops beating; once its
 liveness record has expired (`liveness_seconds`, by the database's clock),
-the first pass to look releases its claims and dispatches exactly those parts
-again. The same pass hands on a completion whose worker died, completes an
-upload whose parts are all done but whose callback ran early, reconciles
-uploads whose dispatch Redis lost, and, every `reconcile_interval`, runs the
-reconciler's stall rule. Beat runs the reconciler too, as a second line.
+the first pass to look dispatches exactly its parts again, on the recovered
+queue that workers serve first, then releases its claims and window slots.
+The same pass dispatches again the part messages a dead node had received but
+not finished (workers/held.py), hands on a completion whose worker died, and
+completes an upload whose parts are all done but whose callback ran early.
+Nodes with S3 credentials also reconcile uploads whose dispatch Redis lost,
+and, every `reconcile_interval`, run the reconciler's stall rule. Beat runs
+the reconciler too, as a second line.
 
-Passes take turns fleet-wide (a PostgreSQL advisory lock, tried, never waited
-for); and each change is a guarded statement, so two passes at once would
-still dispatch each released part once.
+Passes take turns fleet-wide: a turn is a row in `recovery_turns` leased on the
+database's clock (it works through any connection pooler, and on SQLite), one
+for handing on and one for reconciling, per queue. Each change is a guarded
+statement and every dispatch is idempotent, so two passes at once would only
+send a message twice, never a part.
 """
 
 from __future__ import annotations
@@ -23,22 +28,23 @@ from collections.abc import Iterable, Iterator
 
 import sqlalchemy as sa
 from redis import Redis
+from sqlalchemy import exc
 
 from models import clock, liveness, transitions
-from models.db import Database, wrap_errors
+from models.db import Database
 from models.settings import Settings
 from models.states import PartStatus, UploadStatus
-from models.tables import Part, Upload, WorkerProcess
+from models.tables import Part, RecoveryTurn, Upload, WorkerProcess
 from orchestrator import reconciler, scheduler
 from workers import held, window
 
 log = logging.getLogger(__name__)
 
-#: Passes that may call S3 take turns on LOCK_KEY + 1; presigned part workers' on LOCK_KEY.
-LOCK_KEY = 0x5333_4650  # "S3FP"
-
 #: Liveness records of processes dead this long, holding no claim, are deleted.
 FORGET_AFTER_SECONDS = 24 * 3600
+#: How long a turn lasts unless its holder ends it first (or dies: then any judge takes it).
+HAND_ON_TURN_SECONDS = 60.0
+RECONCILE_TURN_SECONDS = 600.0
 
 
 @dataclasses.dataclass
@@ -54,61 +60,71 @@ class Pass:
         return bool(self.redispatched or self.completions or self.reconciled)
 
 
-def run(settings: Settings, db: Database, judge: bool, reconcile: bool = True, stall_rule: bool = False,
-        redis: Redis | None = None, held_messages: bool = False) -> Pass:
-    """One pass, unless another process is running one. `judge`: this process has beaten
-    without a break for `liveness_seconds`, so a record that expired meanwhile is a dead
-    process, not a database outage that every process lived through. `reconcile`: this
-    process may call S3 (ListParts) to reconcile uploads whose dispatch Redis lost, and,
-    with `stall_rule`, stalled ones. `redis`: the windows' Redis (a dead worker's slots are freed
-    there); `held_messages`: nodes note the part messages they hold there (workers/held.py), as
-    they do on a Redis broker."""
-    with _turn(db, LOCK_KEY + reconcile) as mine:
-        if not mine:
-            return Pass()
-        done = Pass(ran=True)
-        if judge:
-            done.redispatched = _hand_on_claims(db, settings.queue, redis)
-            if redis is not None and held_messages:
-                for upload_id, numbers in _hand_on_held(db, settings.queue, redis, done.redispatched).items():
-                    done.redispatched.setdefault(upload_id, []).extend(numbers)
-            done.completions = _hand_on_completions(settings, db)
-        if reconcile:
-            done.reconciled = [str(r) for r in _reconcile(settings, db, stall_rule)]
-        with db.transaction() as session:
-            liveness.forget(session, FORGET_AFTER_SECONDS)
+def run(settings: Settings, db: Database, holder: str, judge: bool, reconcile: bool = True,
+        stall_rule: bool = False, redis: Redis | None = None, held_messages: bool = False) -> Pass:
+    """One pass by the process `holder`, skipping what another process is doing right now.
+
+    `judge`: this process has beaten without a break for `liveness_seconds`, so a record
+    that expired meanwhile is a dead process, not a database outage that every process
+    lived through; only a judge hands on. `reconcile`: this process may call S3
+    (ListParts) to reconcile uploads whose dispatch Redis lost, and, with `stall_rule`,
+    stalled ones. `redis`: the windows' Redis (a dead worker's slots are freed there);
+    `held_messages`: nodes note the part messages they hold there, as on a Redis broker.
+    """
+    done = Pass()
+    if judge:
+        with _turn(db, f"hand-on:{settings.queue}", holder, HAND_ON_TURN_SECONDS) as mine:
+            if mine:
+                done.ran = True
+                done.redispatched = _hand_on_claims(db, settings.queue, redis)
+                if redis is not None and held_messages:
+                    for upload_id, numbers in _hand_on_held(db, settings.queue, redis, done.redispatched).items():
+                        done.redispatched.setdefault(upload_id, []).extend(numbers)
+                done.completions = _hand_on_completions(settings, db)
+                with db.transaction() as session:
+                    liveness.forget(session, FORGET_AFTER_SECONDS)
+    if reconcile:
+        with _turn(db, f"reconcile:{settings.queue}", holder, RECONCILE_TURN_SECONDS, judge) as mine:
+            if mine:
+                done.ran = True
+                done.reconciled = [str(r) for r in _reconcile(settings, db, stall_rule)]
     return done
 
 
 def _hand_on_claims(db: Database, queue: str, redis: Redis | None) -> dict[uuid.UUID, list[int]]:
-    """Release the claims of dead (or hung) holders on the uploads of `queue`, free their window
-    slots, and dispatch those parts again."""
+    """Dispatch again the parts whose holder is dead (or hangs: its lease ran out) on the uploads
+    of `queue`, then free their window slots and release their claims. Dispatched first: a
+    pass that dies half-way leaves a message too many, never a part without one."""
     with db.transaction() as session:
         lapsed = session.execute(
-            sa.select(Part.upload_id, Part.part_number, Part.worker, Upload.endpoint_url, Upload.bucket).join(Upload)
-            .where(Upload.queue == queue, Part.status == PartStatus.IN_FLIGHT, sa.not_(transitions.live_claim()))
+            sa.select(Part.upload_id, Part.part_number, Part.worker, Part.holder, Upload.endpoint_url,
+                      Upload.bucket, Upload.status).join(Upload)
+            .where(Upload.queue == queue, Part.status == PartStatus.IN_FLIGHT,
+                   sa.not_(transitions.live_claim(judge=True)))
+            .order_by(Part.upload_id, Part.part_number)
         ).all()
     redispatched = {}
     for upload_id in sorted({row.upload_id for row in lapsed}):
-        with db.transaction() as session:
-            released = transitions.release_lapsed(session, upload_id)
-            status = session.scalar(sa.select(Upload.status).where(Upload.id == upload_id))
+        rows = [row for row in lapsed if row.upload_id == upload_id]
         if redis is not None:
-            _free_slots(redis, [row for row in lapsed if row.upload_id == upload_id and row.part_number in released])
-        if released and status == UploadStatus.IN_PROGRESS:
-            scheduler.dispatch(upload_id, released, recovered=True)
-            redispatched[upload_id] = released
-            log.warning("released %d part(s) of a dead or hung worker and dispatched them again: %s",
-                        len(released), released[:10], extra={"upload_id": str(upload_id)})
+            _free_slots(redis, rows)
+        numbers = [row.part_number for row in rows]
+        if rows[0].status == UploadStatus.IN_PROGRESS:
+            scheduler.dispatch(upload_id, numbers, recovered=True)
+            redispatched[upload_id] = numbers
+        with db.transaction() as session:
+            transitions.release_lapsed(session, upload_id, judge=True)
+        log.warning("dispatched again %d part(s) of a dead or hung worker (%s), and released them: %s",
+                    len(numbers), rows[0].holder, numbers[:10], extra={"upload_id": str(upload_id)})
     return redispatched
 
 
 def _free_slots(client: Redis, rows: Iterable[sa.Row]) -> None:
-    """The released parts' window slots (their holders are gone): free for others now."""
+    """The parts' window slots (their holders are gone): free for others now."""
     for row in rows:
         shared = window.Window(client, row.endpoint_url, row.bucket, window.Limits())
         try:
-            shared.evict(f"{row.worker}:{row.upload_id}:{row.part_number}:")
+            shared.evict(f"{row.holder}:{row.upload_id}:{row.part_number}:")
         except Exception as error:  # noqa: BLE001 - the slot's lease frees it anyway
             log.warning("could not free a dead worker's window slot: %s", error)
 
@@ -117,26 +133,28 @@ def _hand_on_held(db: Database, queue: str, client: Redis,
                   redispatched_now: dict[uuid.UUID, list[int]]) -> dict[uuid.UUID, list[int]]:
     """Dispatch again the part messages that dead nodes held (received, not acknowledged), where
     the part is still neither done nor claimed nor just dispatched by this pass: Redis would
-    return them only hours later."""
+    return them only hours later. A node's notes are dropped once its parts are dispatched."""
     noted = held.nodes(client, queue)
     if not noted:
         return {}
     with db.transaction() as session:
         dead = list(session.scalars(sa.select(WorkerProcess.id).where(
             WorkerProcess.id.in_(noted), WorkerProcess.expires_at <= clock.now())))
-    wanted: dict[uuid.UUID, set[int]] = {}
+    redispatched: dict[uuid.UUID, list[int]] = {}
     for node in dead:
-        for upload_id, number in held.take(client, queue, node):
+        wanted: dict[uuid.UUID, set[int]] = {}
+        for upload_id, number in held.peek(client, node):
             with contextlib.suppress(ValueError):
                 wanted.setdefault(uuid.UUID(upload_id), set()).add(number)
-    redispatched = {}
-    for upload_id, numbers in wanted.items():
-        missing = _unclaimed(db, upload_id, numbers - set(redispatched_now.get(upload_id, ())), queue)
-        if missing:
-            scheduler.dispatch(upload_id, missing, recovered=True)
-            redispatched[upload_id] = missing
-            log.warning("dispatched again %d part message(s) that a dead worker held: %s", len(missing),
-                        missing[:10], extra={"upload_id": str(upload_id)})
+        for upload_id, numbers in wanted.items():
+            numbers -= set(redispatched_now.get(upload_id, ())) | set(redispatched.get(upload_id, ()))
+            missing = _unclaimed(db, upload_id, numbers, queue)
+            if missing:
+                scheduler.dispatch(upload_id, missing, recovered=True)
+                redispatched.setdefault(upload_id, []).extend(missing)
+                log.warning("dispatched again %d part message(s) that a dead worker held: %s", len(missing),
+                            missing[:10], extra={"upload_id": str(upload_id)})
+        held.drop(client, queue, node)
     return redispatched
 
 
@@ -150,7 +168,7 @@ def _unclaimed(db: Database, upload_id: uuid.UUID, numbers: Iterable[int], queue
             sa.select(Part.part_number).join(Upload)
             .where(Part.upload_id == upload_id, Part.part_number.in_(numbers), Upload.queue == queue,
                    Upload.status == UploadStatus.IN_PROGRESS, Part.status != PartStatus.DONE,
-                   sa.not_(transitions.live_claim()))
+                   sa.not_(transitions.live_claim(judge=True)))
             .order_by(Part.part_number)))
 
 
@@ -162,9 +180,10 @@ def _hand_on_completions(settings: Settings, db: Database) -> list[uuid.UUID]:
     recent = sa.select(Part.upload_id).where(Part.upload_id == Upload.id, Part.finished_at > clock.now(-quiet))
     with db.transaction() as session:
         orphaned = list(session.scalars(sa.select(Upload.id).where(
-            Upload.queue == settings.queue, sa.or_(sa.and_(Upload.status == UploadStatus.COMPLETING, liveness.dead(Upload.completer)),
-                   sa.and_(Upload.status == UploadStatus.IN_PROGRESS, ~sa.exists(not_done), ~sa.exists(recent),
-                           Upload.updated_at < clock.now(-quiet))))))
+            Upload.queue == settings.queue, sa.or_(
+                sa.and_(Upload.status == UploadStatus.COMPLETING, liveness.dead(Upload.completer)),
+                sa.and_(Upload.status == UploadStatus.IN_PROGRESS, ~sa.exists(not_done), ~sa.exists(recent),
+                        Upload.updated_at < clock.now(-quiet))))))
     dispatched = []
     for upload_id in orphaned:
         with db.transaction() as session:
@@ -185,19 +204,35 @@ def _reconcile(settings: Settings, db: Database, stall_rule: bool) -> list[recon
 
 
 @contextlib.contextmanager
-def _turn(db: Database, key: int) -> Iterator[bool]:
-    """True if this process may run the pass now (one at a time fleet-wide). PostgreSQL: a
-    session advisory lock, freed by unlocking or by the connection dying with its process.
-    SQLite (one machine): every pass runs; SQLite serializes their writes."""
-    if db.url.get_backend_name() != "postgresql":
-        yield True
-        return
-    with wrap_errors(db.url), db.engine.connect() as connection:
-        mine = bool(connection.scalar(sa.select(sa.func.pg_try_advisory_lock(key))))
-        connection.commit()
+def _turn(db: Database, name: str, holder: str, seconds: float, judge: bool = True) -> Iterator[bool]:
+    """True if `holder` may run this part of the pass now: its turn row is free (ended, run
+    out, or, for a judge, held by a dead process), or already its own. Ended on the way out."""
+    mine = _take_turn(db, name, holder, seconds, judge)
+    try:
+        yield mine
+    finally:
+        if mine:
+            with db.transaction() as session:
+                session.execute(sa.update(RecoveryTurn).where(RecoveryTurn.name == name,
+                                                              RecoveryTurn.holder == holder)
+                                .values(until=clock.now()))
+
+
+def _take_turn(db: Database, name: str, holder: str, seconds: float, judge: bool) -> bool:
+    free = [RecoveryTurn.until <= clock.now(), RecoveryTurn.holder == holder]
+    if judge:
+        free.append(liveness.dead(RecoveryTurn.holder))
+    with db.transaction() as session:
+        taken = session.execute(
+            sa.update(RecoveryTurn).where(RecoveryTurn.name == name, sa.or_(*free))
+            .values(holder=holder, until=clock.now(seconds)).returning(RecoveryTurn.name)).first()
+        if taken is not None:
+            return True
+        if session.get(RecoveryTurn, name) is not None:
+            return False  # another process's turn
         try:
-            yield mine
-        finally:
-            if mine:
-                connection.scalar(sa.select(sa.func.pg_advisory_unlock(key)))
-                connection.commit()
+            with session.begin_nested():
+                session.add(RecoveryTurn(name=name, holder=holder, until=clock.now(seconds)))
+        except exc.IntegrityError:
+            return False  # another process made it first
+    return True

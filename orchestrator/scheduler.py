@@ -41,10 +41,10 @@ def schedule(settings: Settings, db: Database) -> list[uuid.UUID]:
         with db.transaction() as session:
             _lock(session)
             running = session.scalar(sa.select(sa.func.count()).select_from(Upload)
-                                     .where(Upload.status.in_(RUNNING))) or 0
+                                     .where(Upload.status.in_(RUNNING), Upload.queue == settings.queue)) or 0
             if running >= settings.max_active_uploads:
                 break
-            upload = next_queued(session)
+            upload = next_queued(session, settings.queue)
             if upload is None:
                 break
             transitions.start_upload(session, upload.id, upload.s3_upload_id,
@@ -55,17 +55,19 @@ def schedule(settings: Settings, db: Database) -> list[uuid.UUID]:
     return started
 
 
-def next_queued(session: orm.Session) -> Upload | None:
-    """The queued upload of highest priority, oldest first, locked for the caller.
+def next_queued(session: orm.Session, queue: str) -> Upload | None:
+    """The queued upload of `queue` of highest priority, oldest first, locked for the caller
+    (each fleet starts the uploads submitted to its own queue).
 
     Schedulers take turns (the advisory lock), so the row lock only waits out a
     claim or an operation touching that upload for a moment; it never skips it.
     """
-    top = session.scalar(sa.select(sa.func.max(Upload.priority)).where(Upload.status == UploadStatus.QUEUED))
+    queued = sa.and_(Upload.status == UploadStatus.QUEUED, Upload.queue == queue)
+    top = session.scalar(sa.select(sa.func.max(Upload.priority)).where(queued))
     if top is None:
         return None
     return session.scalars(
-        sa.select(Upload).where(Upload.status == UploadStatus.QUEUED, Upload.priority == top)
+        sa.select(Upload).where(queued, Upload.priority == top)
         .order_by(Upload.created_at).limit(1).with_for_update()).first()
 
 

@@ -42,8 +42,7 @@ _watch: list[watch.Watch] = []
 def _start_watch(sender: object = None, **_: object) -> None:
     # Every worker node runs the recovery pass: no singleton on the recovery path. Nodes that
     # consume the control queue hold S3 credentials, so they also reconcile (ListParts).
-    rt = runtime.get()
-    rt.alive()
+    rt = runtime.get()  # its heartbeat starts with the first pass, which retries it if the database is down
     consumed = set(app.amqp.queues.consume_from or ())
     _watch.append(watch.Watch(rt, reconcile=control_queue(rt.settings.queue) in consumed).start())
 

@@ -4,8 +4,8 @@ On a Redis broker, a message a worker received but has not acknowledged (a part
 waiting for a window slot, a retry waiting for its countdown, a part being
 sent) comes back only after the visibility timeout (2 hours here). A node
 notes each part message it receives in a Redis hash of its own and forgets it
-when the task ends; when its liveness record expires, the recovery pass takes
-the hash and dispatches the parts in it that are neither done nor claimed.
+when the task ends; when its liveness record expires, the recovery pass reads
+the hash, dispatches the parts in it that are neither done nor claimed, then drops it.
 RabbitMQ returns a dead consumer's messages at once: nothing is noted there.
 """
 
@@ -40,17 +40,25 @@ def nodes(client: Redis, queue: str) -> list[str]:
     return sorted(n.decode() if isinstance(n, bytes) else n for n in client.smembers(NODES.format(queue)))
 
 
-def take(client: Redis, queue: str, node: str) -> list[tuple[str, int]]:
-    """The parts a (dead) node held, removed from Redis in the same step: taken once."""
-    key = HELD.format(node)
+def peek(client: Redis, node: str) -> list[tuple[str, int]]:
+    """The parts a (dead) node held (drop() them once they are dispatched again)."""
+    return parse(client.hvals(HELD.format(node)))
+
+
+def drop(client: Redis, queue: str, node: str) -> None:
     with client.pipeline(transaction=True) as pipe:
-        pipe.hvals(key)
-        pipe.delete(key)
+        pipe.delete(HELD.format(node))
         pipe.srem(NODES.format(queue), node)
-        values, _, _ = pipe.execute()
+        pipe.execute()
+
+
+def parse(values: list[bytes | str]) -> list[tuple[str, int]]:
+    """(upload id, part number) of each well-formed note; anything else is skipped (Redis holds
+    data, not authority: a note only makes the pass look at a part in Postgres)."""
     parts = set()
     for value in values:
-        upload_id, _, number = (value.decode() if isinstance(value, bytes) else value).partition(":")
-        if number.isdigit():
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        upload_id, _, number = text.partition(":")
+        if number.isascii() and number.isdecimal() and len(number) <= 5 and 1 <= int(number) <= 10_000:
             parts.add((upload_id, int(number)))
     return sorted(parts)

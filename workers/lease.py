@@ -24,9 +24,10 @@ class LeaseKeeper:
     outage only delays renewals: the lease is long enough to ride out short ones.
     """
 
-    def __init__(self, rt: Runtime, upload_id: uuid.UUID, number: int,
+    def __init__(self, rt: Runtime, upload_id: uuid.UUID, number: int, claim: str,
                  also: Callable[[], object] | None = None) -> None:
-        self.rt, self.upload_id, self.number, self.also = rt, upload_id, number, also
+        """`claim`: the claim's token (parts.worker) that the caller holds."""
+        self.rt, self.upload_id, self.number, self.claim, self.also = rt, upload_id, number, claim, also
         self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"lease-{number}", daemon=True)
@@ -57,7 +58,7 @@ class LeaseKeeper:
             next_claim = now + claim_every
             try:
                 with self.rt.db.transaction() as session:
-                    held = transitions.renew_lease(session, self.upload_id, self.number, self.rt.worker_id, seconds)
+                    held = transitions.renew_lease(session, self.upload_id, self.number, self.claim, seconds)
             except DatabaseError as error:
                 log.warning("could not renew the lease (%s); will try again", error,
                             extra={"upload_id": str(self.upload_id), "part": self.number})

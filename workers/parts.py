@@ -62,13 +62,18 @@ def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
     Database errors propagate (the task retries them without counting: Postgres
     may be restarting); S3 and source errors are handled here.
     """
-    rt.alive()  # every claim names a holder whose liveness the fleet can see
+    beat = rt.alive()  # every claim names a holder whose liveness the fleet can see
+    if not beat.fresh():  # others may already judge this process dead: it claims nothing
+        raise RetryLater("this worker's liveness record is not fresh (the database is slow or unreachable)",
+                         _wait(rt, 1))
+    delivery = _Delivery(f"{rt.worker_id}/{secrets.token_hex(4)}",
+                         judge=beat.healthy_for() >= rt.settings.liveness_seconds)
     with rt.db.transaction() as session:
-        claimable, upload = transitions.would_claim(session, upload_id, number, rt.worker_id)
+        claimable, upload = transitions.would_claim(session, upload_id, number, delivery.token, delivery.judge)
         endpoint, bucket = upload.endpoint_url, upload.bucket
     shared = rt.window(endpoint, bucket) if claimable else None
     if shared is None:  # no shared window; or done, held or moot: no slot needed to find out
-        return _send(rt, upload_id, number, None)
+        return _send(rt, upload_id, number, None, delivery)
     try:
         # a token of its own per try: two deliveries of one part never share a slot
         slot = shared.acquire(f"{rt.worker_id}:{upload_id}:{number}:{secrets.token_hex(4)}",
@@ -79,13 +84,24 @@ def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
         raise RetryLater(f"part {number}: no slot free in the window of {shared.name}", 0.5 + random.random())
     outcome = _Outcome(shared, slot)
     try:
-        return _send(rt, upload_id, number, outcome)
+        return _send(rt, upload_id, number, outcome, delivery)
     finally:
         try:
             shared.release(slot, outcome.signal, outcome.reason)
         except redis.RedisError as error:  # its lease frees it
             log.warning("could not release the window slot (%s); its lease frees it", error,
                         extra={"upload_id": str(upload_id), "part": number})
+
+
+@dataclasses.dataclass(frozen=True)
+class _Delivery:
+    """This delivery of a part: its claim's own token (the process's worker id, then a suffix of
+    its own, so another delivery of the part, even on another thread of this process, never
+    passes for its holder), and whether it may take a part whose holder is dead (its own
+    heartbeat has gone unbroken long enough to tell a dead process from a database outage)."""
+
+    token: str
+    judge: bool
 
 
 @dataclasses.dataclass
@@ -98,10 +114,12 @@ class _Outcome:
     reason: str = "part not sent"
 
 
-def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | None) -> PartResult:
+def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | None,
+          delivery: _Delivery) -> PartResult:
     context = {"upload_id": str(upload_id), "part": number}
     with rt.db.transaction() as session:
-        claim = transitions.claim_part(session, upload_id, number, rt.worker_id, rt.settings.lease_seconds)
+        claim = transitions.claim_part(session, upload_id, number, delivery.token, rt.settings.lease_seconds,
+                                       delivery.judge, holder=rt.worker_id)
     part, upload = claim.part, claim.upload
     if claim.outcome is transitions.ClaimOutcome.DONE:
         log.info("part already done; not sending it again", extra=context)
@@ -117,7 +135,7 @@ def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | No
     renew_slot = (lambda: outcome.window.renew(outcome.slot)) if outcome is not None else None
     started = time.monotonic()
     try:
-        with LeaseKeeper(rt, upload_id, number, also=renew_slot) as lease:
+        with LeaseKeeper(rt, upload_id, number, delivery.token, also=renew_slot) as lease:
             etag, checksum = transfer(rt, upload, part)
     except SoftTimeLimitExceeded:
         _retry_or_fail(rt, upload, part, "the part ran past the task's soft time limit")
@@ -135,7 +153,7 @@ def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | No
         _fail(rt, upload, part, str(error))
     except signer.Inactive as error:  # cancelled or failed while this part waited for its URL
         with rt.db.transaction() as session:
-            transitions.release_for_retry(session, upload.id, number, rt.worker_id, str(error), counted=False)
+            transitions.release_for_retry(session, upload.id, number, delivery.token, str(error), counted=False)
         log.info("part not sent: %s", error, extra=context)
         return PartResult(number, skipped=str(error))
     except reader.SourceChanged as error:
@@ -149,7 +167,7 @@ def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | No
     if lease.lost:
         raise RetryLater(f"part {number}: claim lost while sending; not recorded", 1.0)
     with rt.db.transaction() as session:
-        recorded = transitions.finish_part(session, upload_id, number, rt.worker_id, etag, checksum,
+        recorded = transitions.finish_part(session, upload_id, number, delivery.token, etag, checksum,
                                            f"landed ({rt.worker_id})")
     if recorded is None:
         raise RetryLater(f"part {number}: claim taken over while sending; not recorded", 1.0)
@@ -236,7 +254,7 @@ def _retry_or_fail(rt: Runtime, upload: Upload, part: Part, error: str, scale: f
     if upload.retry_count >= rt.settings.max_upload_retries:
         _fail(rt, upload, part, f"{error} (the upload gave up after {upload.retry_count} retries in all)")
     with rt.db.transaction() as session:
-        released = transitions.release_for_retry(session, upload.id, number, rt.worker_id, error)
+        released = transitions.release_for_retry(session, upload.id, number, str(part.worker), error)
     if released is None:
         raise RetryLater(f"part {number} was taken over while failing: {error}", _wait(rt, 1))
     seconds = _wait(rt, part.attempts) * scale
@@ -248,7 +266,7 @@ def _retry_or_fail(rt: Runtime, upload: Upload, part: Part, error: str, scale: f
 def _wait_for_s3(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
     """S3 is unreachable: give the claim back uncounted and retry when the task's backoff says."""
     with rt.db.transaction() as session:
-        transitions.release_for_retry(session, upload.id, part.part_number, rt.worker_id, error, counted=False)
+        transitions.release_for_retry(session, upload.id, part.part_number, str(part.worker), error, counted=False)
     log.warning("S3 unreachable (%s); the part waits for it", error,
                 extra={"upload_id": str(upload.id), "part": part.part_number})
     raise RetryLater(error, None)
@@ -259,7 +277,7 @@ def _fail(rt: Runtime, upload: Upload, part: Part, error: str) -> None:
     number = part.part_number
     message = f"part {number}: {error}"
     with rt.db.transaction() as session:
-        if transitions.fail_part(session, upload.id, number, rt.worker_id, error) is None:
+        if transitions.fail_part(session, upload.id, number, str(part.worker), error) is None:
             raise RetryLater(f"part {number} was taken over while failing: {error}", _wait(rt, 1))
         try:
             transitions.fail_upload(session, upload.id, message)

@@ -51,8 +51,8 @@ class Watch:
         settings = self.rt.settings
         try:
             judge = self.rt.alive().healthy_for() >= settings.liveness_seconds
-            done = failover.run(settings, self.rt.db, judge=judge, reconcile=self.reconcile, stall_rule=stall_rule,
-                                redis=self.rt.redis, held_messages=held_on_redis(settings))
+            done = failover.run(settings, self.rt.db, self.rt.worker_id, judge=judge, reconcile=self.reconcile,
+                                stall_rule=stall_rule, redis=self.rt.redis, held_messages=held_on_redis(settings))
         except Exception as error:  # noqa: BLE001 - the next pass tries again; never let the thread die
             if not self._failing:
                 log.warning("recovery pass failed (%s); trying again every %.1fs", error, settings.recovery_interval)

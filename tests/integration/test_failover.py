@@ -229,8 +229,8 @@ def test_a_dead_holder_is_released_at_once_and_a_live_one_never(  # type: ignore
     # what the pass dispatches, kept here: no worker of this test's queue would run it
     dispatched: list[tuple[uuid.UUID, list[int]]] = []
     monkeypatch.setattr(scheduler, "dispatch", lambda u, parts, recovered: dispatched.append((u, list(parts))))
-    assert not failover.run(settings, db, judge=False, reconcile=False)  # a young judge judges no one
-    done = failover.run(settings, db, judge=True, reconcile=False)
+    assert not failover.run(settings, db, "judge:1:1", judge=False, reconcile=False)  # a young judge judges no one
+    done = failover.run(settings, db, "judge:1:1", judge=True, reconcile=False)
     assert done.redispatched == {upload_id: [1]} and dispatched == [(upload_id, [1])]
     with db.transaction() as session:
         parts = {p.part_number: p for p in queries.parts(session, upload_id)}

@@ -246,7 +246,7 @@ def test_the_lease_is_renewed_while_sending_and_loss_is_noticed(rt: Runtime, buc
     up = prepare(rt, tmp_path / "j.bin", bucket, 6 * MiB)
     with rt.db.transaction() as session:
         first = transitions.claim_part(session, up.upload_id, 1, fast.worker_id, 3).part.lease_expires_at
-    with LeaseKeeper(fast, up.upload_id, 1) as lease:
+    with LeaseKeeper(fast, up.upload_id, 1, fast.worker_id) as lease:
         time.sleep(2.5)
         _, rows, _ = snapshot(rt.db, up.upload_id)
         assert rows[0].lease_expires_at > first and not lease.lost
