@@ -200,7 +200,8 @@ def _reconcile(settings: Settings, db: Database, stall_rule: bool) -> list[recon
     """Uploads whose dispatch Redis lost, every pass; the stall rule when asked."""
     if stall_rule:
         return reconciler.reconcile_stalled(settings, db)
-    return [reconciler.reconcile(settings, db, upload_id) for upload_id in reconciler.lost(db, settings.queue)]
+    lost = reconciler.lost(db, settings.queue, grace_seconds=settings.liveness_seconds)
+    return [reconciler.reconcile(settings, db, upload_id) for upload_id in lost]
 
 
 @contextlib.contextmanager

@@ -73,21 +73,26 @@ def stalled(db: Database, stall_seconds: float, queue: str | None = None) -> lis
     return [uuid.UUID(u) for u in active if u in lost or (u in quiet and fleet_idle)]
 
 
-def lost(db: Database, queue: str) -> list[uuid.UUID]:
-    """Uploads of `queue`, in progress or completing, whose last dispatch Redis no longer knows."""
+def lost(db: Database, queue: str, grace_seconds: float) -> list[uuid.UUID]:
+    """Uploads of `queue`, in progress or completing, whose last dispatch Redis no longer knows,
+    and that were not dispatched in the last `grace_seconds` (a dispatcher may be between
+    recording the start and marking the dispatch)."""
     from workers import backend, broker
 
     with db.transaction() as session:
-        active = _active(session, queue)
+        active = _active(session, queue, dispatched_before=clock.now(-grace_seconds))
     gone = backend.lost_dispatches(broker.app, active)
     return [uuid.UUID(u) for u in active if u in gone]
 
 
-def _active(session: orm.Session, queue: str | None) -> list[str]:
+def _active(session: orm.Session, queue: str | None,
+            dispatched_before: sa.ColumnElement[object] | None = None) -> list[str]:
     """Uploads in progress or completing (of `queue`: the fleet that consumes it recovers them)."""
     query = sa.select(Upload.id).where(Upload.status.in_(ACTIVE))
     if queue is not None:
         query = query.where(Upload.queue == queue)
+    if dispatched_before is not None:
+        query = query.where(sa.or_(Upload.dispatched_at.is_(None), Upload.dispatched_at < dispatched_before))
     return [str(u) for u in session.scalars(query.order_by(Upload.priority.desc(), Upload.created_at))]
 
 

@@ -7,6 +7,7 @@ No Celery here: these drive `workers.parts.send_part` and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def rt(service_env: dict[str, str], db: Database) -> Iterator[Runtime]:
-    runtime = Runtime(settings=Settings.from_env(), db=db)
+    # uploads on a queue of their own: the session worker's recovery pass leaves them to the test
+    runtime = Runtime(settings=dataclasses.replace(Settings.from_env(), queue=f"parts-{uuid.uuid4().hex[:6]}"), db=db)
     yield runtime
 
 

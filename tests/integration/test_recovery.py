@@ -4,6 +4,8 @@ stalled completions, and the sweeper. The reconciler is driven directly."""
 from __future__ import annotations
 
 import base64
+import dataclasses
+import uuid
 import datetime as dt
 from pathlib import Path
 
@@ -25,7 +27,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture
 def settings(service_env) -> Settings:  # type: ignore[no-untyped-def]
-    return Settings.from_env()
+    """Uploads recorded on a queue of their own: the session worker's recovery pass (which finds a
+    lost dispatch of its own queue's uploads within seconds) leaves them to the test's reconciler;
+    the parts the test dispatches go to the session's queue, where the worker sends them."""
+    return dataclasses.replace(Settings.from_env(), queue=f"recovery-{uuid.uuid4().hex[:6]}")
 
 
 def prepare(settings: Settings, db, path: Path, bucket: str, size: int) -> tuple[submit.Submitted, str]:  # type: ignore[no-untyped-def]

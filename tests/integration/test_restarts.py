@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -113,11 +114,13 @@ def test_resume_by_id_dispatches_what_is_missing_and_refuses_a_failed_upload(  #
     from models.settings import Settings
     from orchestrator import submit
 
-    settings = Settings.from_env()
+    # recorded, never dispatched, on a queue no worker consumes: the workers' recovery pass would
+    # find the lost dispatch of an upload of their own queue within seconds, before `resume`
+    settings = dataclasses.replace(Settings.from_env(), queue=f"elsewhere-{uuid.uuid4().hex[:6]}")
     source = tmp_path / "later.bin"
     sha256 = write_random(source, 11 * MiB)
     prepared = submit.prepare(settings, db, submit.validate(settings, str(source), f"s3://{bucket}/later.bin",
-                                                            5 * MiB))  # recorded, never dispatched
+                                                            5 * MiB))
 
     run = run_cli(["resume", str(prepared.upload_id)], service_env)
 
