@@ -124,9 +124,15 @@ def ensure_multipart(db: Database, upload_id: uuid.UUID) -> bool:
 
 def dispatch(upload_id: uuid.UUID, part_numbers: Iterable[int], recovered: bool = False) -> None:
     """One chord: a task per part, then the completion callback. Ids only in the messages.
-    `recovered`: parts handed on from a dead worker, sent ahead of the parts still waiting."""
+    `recovered`: parts handed on from a dead worker, sent ahead of the parts still waiting.
+
+    Only a dispatch of the upload's missing parts marks it dispatched: a recovered one (a few
+    parts handed on) leaves the mark alone, so that it cannot hide that Redis lost the rest."""
     from workers import backend, broker  # the Celery app is configured from the environment on import
 
+    if recovered:
+        broker.dispatch_chord(str(upload_id), list(part_numbers), recovered)
+        return
     backend.mark_dispatched(broker.app, str(upload_id), broker.RESULT_EXPIRES)
     try:
         broker.dispatch_chord(str(upload_id), list(part_numbers), recovered)

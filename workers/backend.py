@@ -30,8 +30,9 @@ def url_for(result_backend: str) -> str:
     return result_backend
 
 
-#: Set (before publishing) for every dispatch of an upload's parts, with the lifetime of
-#: the chord's own keys. Gone means Redis lost the dispatch: its messages and its chord.
+#: Set (before publishing) for every dispatch of an upload's missing parts, with the lifetime
+#: of the chord's own keys. Gone means Redis lost the dispatch: its messages and its chord.
+#: Parts handed on from a dead worker do not set it (they are not the whole upload).
 SENTINEL = "s3ferry:dispatched:{}"
 
 

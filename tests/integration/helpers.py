@@ -40,7 +40,12 @@ def wait_status(db: Database, upload_id: uuid.UUID, statuses: Sequence[str], tim
         if status in statuses:
             return str(status)
         time.sleep(0.2)
-    raise TimeoutError(f"upload {upload_id} still {status} after {timeout}s, waiting for {statuses}")
+    with db.transaction() as session:
+        parts: dict[str, list[int]] = {}
+        for part in queries.parts(session, upload_id):
+            parts.setdefault(str(part.status), []).append(part.part_number)
+    raise TimeoutError(f"upload {upload_id} still {status} after {timeout}s, waiting for {statuses}; "
+                       f"its parts by status: {parts}")
 
 
 FINISHED = (UploadStatus.COMPLETE, UploadStatus.FAILED, UploadStatus.CANCELLED)

@@ -185,3 +185,25 @@ def test_two_reconcilers_dispatch_a_lost_upload_once(settings, db, bucket, tmp_p
         "not stalled: its parts are on their way", "another reconciler just dispatched it")
     with db.transaction() as session:
         transitions.fail_upload(session, up.upload_id, "test over")
+
+
+def test_parts_handed_on_do_not_hide_that_redis_lost_the_dispatch(  # type: ignore[no-untyped-def]
+        settings, db, bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis lost an upload's dispatch; then a recovery pass hands on a dead worker's part of it
+    (a chord of that part alone): the upload's other parts are still known lost."""
+    from orchestrator import scheduler
+    from workers import app, backend, broker
+
+    sent: list[tuple[str, list[int], bool]] = []
+    monkeypatch.setattr(broker, "dispatch_chord", lambda *args: sent.append(args))
+    up, _ = prepare(settings, db, tmp_path / "handed.bin", bucket, 11 * MiB)
+    try:
+        scheduler.dispatch(up.upload_id, [1, 2, 3])
+        assert reconciler.lost(db, settings.queue, grace_seconds=0) == []
+        app.app.backend.client.delete(backend.SENTINEL.format(up.upload_id))  # Redis lost it
+        scheduler.dispatch(up.upload_id, [2], recovered=True)
+        assert sent == [(str(up.upload_id), [1, 2, 3], False), (str(up.upload_id), [2], True)]
+        assert reconciler.lost(db, settings.queue, grace_seconds=0) == [up.upload_id]
+    finally:
+        with db.transaction() as session:
+            transitions.fail_upload(session, up.upload_id, "test over")
