@@ -27,6 +27,8 @@ DEFAULT_DATABASE_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/s3ferry"
 DEFAULT_BROKER_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
 
+#: Settings never shown (repr, logs).
+SECRETS = ("signer_key",)
 #: Set by from_env(), never read from the environment.
 _DERIVED = ("local",)
 
@@ -139,6 +141,21 @@ class Settings:
     #: each part's UploadPart URL when asked, valid for presign_expiry_seconds.
     presigned: bool = False
     presign_expiry_seconds: int = 300
+    #: The folders whose files workers may read, separated by ":" (os.pathsep). A source must
+    #: resolve (symlinks and `..` followed) to a regular file under one of them. Unset in a
+    #: fleet: every source is refused until it is set. Single-machine mode: "/" (the user's
+    #: own workers read what the user can read). /proc, /sys and /dev are refused always.
+    source_roots: str = ""
+    #: The buckets workers may send to: names or patterns with `*` (fnmatch), comma-separated.
+    #: Unset in a fleet: every upload is refused until it is set. Single-machine mode: "*".
+    buckets: str = ""
+    #: S3 endpoints (scheme://host[:port]) workers may send to besides their own configured one
+    #: (AWS_ENDPOINT_URL, or AWS itself when that is unset), comma-separated.
+    endpoints: str = ""
+    #: Presigned mode: the key that authenticates the signer's replies (HMAC-SHA256), shared by
+    #: the signer and the workers through their own configuration (never Redis, never the
+    #: database). At least 32 characters.
+    signer_key: str = ""
     #: How often each worker process stamps its liveness record in the database.
     heartbeat_seconds: float = 2.0
     #: A worker process whose liveness record is older than this is dead: its claims are
@@ -162,6 +179,36 @@ class Settings:
             raise SettingsError(f"S3FERRY_QUEUE ({_short(repr(self.queue))}) is not a valid queue name: 1 to 200 "
                                 "characters of A-Z a-z 0-9 . _ : - (no spaces or newlines)")
         self._check_relations()
+        self._check_policy()
+
+    def _check_policy(self) -> None:
+        for root in self.source_root_list:
+            if not os.path.isabs(root):
+                raise SettingsError(f"S3FERRY_SOURCE_ROOTS: {_short(repr(root))} is not an absolute path")
+        for endpoint in self.endpoint_list:
+            if not re.fullmatch(r"https?://[A-Za-z0-9.\-\[\]:]+", endpoint):
+                raise SettingsError(f"S3FERRY_ENDPOINTS: {_short(repr(endpoint))} is not an endpoint: "
+                                    "expected scheme://host[:port], like https://minio.internal:9000")
+        for pattern in self.bucket_patterns:
+            if not re.fullmatch(r"[a-z0-9.*-]{1,63}", pattern):
+                raise SettingsError(f"S3FERRY_BUCKETS: {_short(repr(pattern))} is not a bucket name or pattern "
+                                    "(lowercase letters, digits, dots, hyphens, and * as a wildcard)")
+        if self.signer_key and len(self.signer_key) < 32:
+            raise SettingsError("S3FERRY_SIGNER_KEY must be at least 32 characters (for example the output of "
+                                "`openssl rand -hex 32`)")
+
+    @property
+    def source_root_list(self) -> list[str]:
+        """The configured source roots (absolute paths, as given)."""
+        return [root for root in self.source_roots.split(os.pathsep) if root.strip()]
+
+    @property
+    def bucket_patterns(self) -> list[str]:
+        return [b.strip() for b in self.buckets.split(",") if b.strip()]
+
+    @property
+    def endpoint_list(self) -> list[str]:
+        return [e.strip().rstrip("/") for e in self.endpoints.split(",") if e.strip()]
 
     def _check_relations(self) -> None:
         if not self.stall_seconds > max(self.lease_seconds, self.retry_backoff_max):
@@ -183,6 +230,7 @@ class Settings:
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{f.name}={mask_password(str(getattr(self, f.name)))!r}" if f.name.endswith(("_url", "backend"))
+                           else f"{f.name}={'***' if getattr(self, f.name) else ''!r}" if f.name in SECRETS
                            else f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
         return f"Settings({fields})"
 
@@ -202,6 +250,9 @@ class Settings:
                 raise SettingsError("S3FERRY_PRESIGNED needs a fleet (S3FERRY_DATABASE_URL and S3FERRY_BROKER_URL): "
                                     "on one machine the workers use this machine's credentials")
             values.update(local_urls(str(values["home"])), local=True)
+            # the user's own workers, for the user's own uploads: what the user can read, any bucket
+            values.setdefault("source_roots", "/")
+            values.setdefault("buckets", "*")
         elif len(given) == 1:
             missing = "broker_url" if given == ["database_url"] else "database_url"
             raise SettingsError(f"S3FERRY_{given[0].upper()} is set but S3FERRY_{missing.upper()} is not: set both "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import urllib.parse
 import uuid
 
 import botocore.exceptions
@@ -105,7 +104,7 @@ def record(settings: Settings, db: Database, request: Request, *, max_retries: i
     check_bucket(client, dest.bucket)
     upload = Upload(source_uri=src.uri, source_size=src.size, source_mtime_ns=src.mtime_ns,
                     source_inode=src.inode, bucket=dest.bucket, key=dest.key,
-                    endpoint_url=recorded_endpoint(client), part_size=the_plan.part_size, priority=priority,
+                    endpoint_url=s3.recorded_endpoint(client), part_size=the_plan.part_size, priority=priority,
                     max_retries=settings.max_retries if max_retries is None else max_retries,
                     retry_count=0, queue=settings.queue)
     with db.transaction() as session:
@@ -124,14 +123,6 @@ def prepare(settings: Settings, db: Database, request: Request, *, max_retries: 
     with db.transaction() as session:
         s3_upload_id = queries.get_upload(session, recorded.upload_id).s3_upload_id
     return dataclasses.replace(recorded, s3_upload_id=s3_upload_id)
-
-
-def recorded_endpoint(client: object) -> str | None:
-    """The endpoint the upload is bound to: a custom one (MinIO, R2, ...), or None for AWS
-    itself, so that each worker resolves the bucket's regional endpoint on its own."""
-    url = str(client.meta.endpoint_url)  # type: ignore[attr-defined]
-    host = urllib.parse.urlsplit(url).hostname or ""
-    return None if host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn") else url
 
 
 def check_broker(settings: Settings) -> None:

@@ -12,6 +12,7 @@ and its own buckets on a moto server it starts on a free port.
 from __future__ import annotations
 
 import os
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,7 +116,9 @@ def service_env(database_url: str, redis_urls: tuple[str, str], s3_endpoint: str
                 "S3FERRY_RETRY_BACKOFF_BASE": "0.2", "S3FERRY_RETRY_BACKOFF_MAX": "2",
                 # tests leave uploads in progress on purpose: they must not hold the queue
                 # (the scheduler tests use their own database, with one slot)
-                "S3FERRY_MAX_ACTIVE_UPLOADS": "1000"})
+                "S3FERRY_MAX_ACTIVE_UPLOADS": "1000",
+                # the fleet's policy: sources under the temp folder (pytest's tmp_path), test buckets
+                "S3FERRY_SOURCE_ROOTS": os.path.realpath(tempfile.gettempdir()), "S3FERRY_BUCKETS": "test-*"})
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)

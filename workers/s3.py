@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import urllib.parse
 import threading
 
 import boto3
@@ -140,3 +141,11 @@ def make_client(endpoint_url: str | None = None, retries: int = 1) -> BaseClient
             raise UserError("no AWS region configured: set AWS_REGION (any value for MinIO or moto)") from None
         except ValueError as error:
             raise UserError(f"invalid S3 endpoint {endpoint_url!r}: {error}") from None
+
+
+def recorded_endpoint(client: object) -> str | None:
+    """The endpoint the upload is bound to: a custom one (MinIO, R2, ...), or None for AWS
+    itself, so that each worker resolves the bucket's regional endpoint on its own."""
+    url = str(client.meta.endpoint_url)  # type: ignore[attr-defined]
+    host = urllib.parse.urlsplit(url).hostname or ""
+    return None if host.endswith(".amazonaws.com") or host.endswith(".amazonaws.com.cn") else url
