@@ -374,7 +374,7 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
 def _sweep(args: argparse.Namespace, settings: Settings) -> int:
     older_than = args.older_than if args.older_than is not None else dt.timedelta(
         seconds=settings.sweep_after_seconds)
-    swept = sweeper.sweep(Database(settings.database_url), older_than, dry_run=args.dry_run,
+    swept = sweeper.sweep(settings, Database(settings.database_url), older_than, dry_run=args.dry_run,
                           unknown_in=args.unknown_in)
     for item in swept:
         print(item)

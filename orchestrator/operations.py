@@ -16,7 +16,7 @@ from models.settings import Settings
 from models.states import UploadStatus
 from models.tables import Upload
 from orchestrator import reconciler, scheduler, sweeper
-from workers import s3
+from workers import policy
 
 
 def pause(settings: Settings, db: Database, upload_id: uuid.UUID) -> str:
@@ -47,8 +47,13 @@ def cancel(settings: Settings, db: Database, upload_id: uuid.UUID) -> str:
         upload = queries.get_upload(session, upload_id)
     aborted = ""
     if upload.s3_upload_id and upload.s3_aborted_at is None:
-        client = s3.make_client(upload.endpoint_url, retries=3)
-        if not sweeper.abort(client, upload.bucket, upload.key, upload.s3_upload_id):
+        try:
+            client = policy.client_for(settings, upload.endpoint_url, upload.bucket)
+        except policy.Refused as refused:
+            client, aborted = None, f"; its multipart upload was not aborted ({refused})"
+        if client is None:
+            pass
+        elif not sweeper.abort(client, upload.bucket, upload.key, upload.s3_upload_id):
             aborted = "; aborting its multipart upload failed (`s3ferry sweep` will retry)"
         elif _parts_in_flight(db, upload_id):
             # A part still being sent may land after the abort (S3 says so): the sweeper

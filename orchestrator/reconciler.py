@@ -26,7 +26,7 @@ from models.settings import Settings
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload
 from orchestrator import scheduler
-from workers import reader, recovery, s3
+from workers import policy, reader, recovery, s3
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
     with db.transaction() as session:
         report.released = transitions.release_lapsed(session, upload_id)
     try:
-        report.adopted = _adopt_listed(db, upload)
+        report.adopted = _adopt_listed(settings, db, upload)
     except reader.SourceChanged as error:
         with db.transaction() as session:
             try:
@@ -170,7 +170,7 @@ def dispatch_completion(upload_id: uuid.UUID) -> None:
     broker.send("s3ferry.complete_upload", [], str(upload_id))
 
 
-def _adopt_listed(db: Database, upload: Upload) -> list[int]:
+def _adopt_listed(settings: Settings, db: Database, upload: Upload) -> list[int]:
     """Record the parts S3 holds that Postgres does not, when our bytes prove them."""
     if not upload.s3_upload_id:
         return []
@@ -178,7 +178,12 @@ def _adopt_listed(db: Database, upload: Upload) -> list[int]:
         unrecorded = {p.part_number: p for p in queries.parts(session, upload.id) if p.status != PartStatus.DONE}
     if not unrecorded:
         return []
-    client = s3.make_client(upload.endpoint_url, retries=3)
+    try:
+        client = policy.client_for(settings, upload.endpoint_url, upload.bucket)
+        policy.source_path(settings, upload.source_uri)
+    except policy.Refused as refused:  # the workers refuse it too, and fail the upload
+        log.warning("not listing its parts: %s", refused, extra={"upload_id": str(upload.id)})
+        return []
     adopted = []
     try:
         listing = list(recovery.listed_parts(client, upload))
@@ -191,7 +196,7 @@ def _adopt_listed(db: Database, upload: Upload) -> list[int]:
         if part is None:
             continue
         try:
-            checksum = recovery.verify(upload, part, listed)
+            checksum = recovery.verify(settings, upload, part, listed)
         except reader.SourceUnavailable as error:  # not readable from here: let the workers decide
             log.warning("cannot check listed parts here (%s); dispatching without them", error,
                         extra={"upload_id": str(upload.id)})

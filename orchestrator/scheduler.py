@@ -12,6 +12,7 @@ picked with two index-backed queries, whatever the length of the queue.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterable
@@ -26,7 +27,7 @@ from models.settings import Settings
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload
 from orchestrator import sweeper
-from workers import s3
+from workers import policy, s3
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ def schedule(settings: Settings, db: Database) -> list[uuid.UUID]:
                 break
             transitions.start_upload(session, upload.id, upload.s3_upload_id,
                                      f"scheduled ({running + 1} of at most {settings.max_active_uploads} running)")
-        if not start(db, upload.id):
+        if not start(settings, db, upload.id):
             break  # S3 refused or failed: leave the rest of the queue for the next run
         started.append(upload.id)
     return started
@@ -71,14 +72,14 @@ def next_queued(session: orm.Session, queue: str) -> Upload | None:
         .order_by(Upload.created_at).limit(1).with_for_update()).first()
 
 
-def start(db: Database, upload_id: uuid.UUID, dispatch: bool = True) -> bool:
+def start(settings: Settings, db: Database, upload_id: uuid.UUID, dispatch: bool = True) -> bool:
     """An upload just moved to in_progress: make sure S3 has its multipart upload, then send its parts.
     False if it could not start (it failed, or waits for the reconciler to try again)."""
     if dispatch:  # from now on the upload's parts count as dispatched (no reconciler steps in meanwhile)
         from workers import backend, broker
 
         backend.mark_dispatched(broker.app, str(upload_id), broker.RESULT_EXPIRES)
-    if not ensure_multipart(db, upload_id):
+    if not ensure_multipart(settings, db, upload_id):
         if dispatch:
             backend.forget_dispatch(broker.app, str(upload_id))  # nothing was sent: the reconciler may retry
         return False
@@ -87,7 +88,7 @@ def start(db: Database, upload_id: uuid.UUID, dispatch: bool = True) -> bool:
     return True
 
 
-def ensure_multipart(db: Database, upload_id: uuid.UUID) -> bool:
+def ensure_multipart(settings: Settings, db: Database, upload_id: uuid.UUID) -> bool:
     """Create the upload's multipart upload in S3 if it needs one and has none.
 
     False if it could not: a permanent refusal fails the upload; a transient
@@ -99,7 +100,14 @@ def ensure_multipart(db: Database, upload_id: uuid.UUID) -> bool:
     if upload.total_parts == 1 or upload.s3_upload_id:
         return True  # one part is one PutObject
     context = {"upload_id": str(upload_id)}
-    client = s3.make_client(upload.endpoint_url, retries=3)
+    try:
+        client = policy.client_for(settings, upload.endpoint_url, upload.bucket)
+    except policy.Refused as refused:  # the row asks for a destination this process may not send to
+        log.error("not started: %s", refused, extra=context)
+        with db.transaction() as session:
+            with contextlib.suppress(InvalidTransition):
+                transitions.fail_upload(session, upload_id, str(refused))
+        return False
     try:
         created = client.create_multipart_upload(Bucket=upload.bucket, Key=upload.key, ChecksumAlgorithm="CRC32C")
     except Exception as error:

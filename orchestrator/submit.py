@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import uuid
 
 import botocore.exceptions
@@ -20,7 +21,7 @@ from models.settings import Settings
 from models.states import UploadStatus
 from models.tables import Upload
 from orchestrator import destination, plan, scheduler, source
-from workers import s3
+from workers import policy, reader, s3
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +90,14 @@ def find_resumable(db: Database, request: Request) -> Submitted | None:
 
 
 def validate(settings: Settings, source_path: str, destination_uri: str, part_size: int | None = None) -> Request:
-    """Every check that needs no service: raises UserError, touches nothing."""
+    """Every check that needs no service: raises UserError, touches nothing. The workers' policy
+    (source roots, buckets) is applied here too, so that a refusal shows at once."""
+    policy.check_path(settings, os.path.abspath(os.path.expanduser(source_path)))
     src = source.open_source(source_path)
+    if src.size == 0 and reader.has_content(str(src.path)):
+        raise UserError(f"source {source_path!r} reports a size of 0 but has content (a pseudo-file?): refused")
     dest = destination.parse(destination_uri, src.path.name)
+    policy.check_destination(settings, policy.own_endpoint(), dest.bucket)
     return Request(src, dest, plan.plan_parts(src.size, part_size or settings.part_size))
 
 
@@ -119,7 +125,7 @@ def prepare(settings: Settings, db: Database, request: Request, *, max_retries: 
     recorded = record(settings, db, request, max_retries=max_retries, priority=priority)
     with db.transaction() as session:
         transitions.start_upload(session, recorded.upload_id, None, "started directly")
-    scheduler.start(db, recorded.upload_id, dispatch=False)
+    scheduler.start(settings, db, recorded.upload_id, dispatch=False)
     with db.transaction() as session:
         s3_upload_id = queries.get_upload(session, recorded.upload_id).s3_upload_id
     return dataclasses.replace(recorded, s3_upload_id=s3_upload_id)

@@ -17,10 +17,11 @@ import sqlalchemy as sa
 from models import clock, transitions
 from models.db import Database
 from models.exceptions import UserError
+from models.settings import Settings
 from models.states import UploadStatus
 from models.tables import Part, Upload
 from orchestrator import destination
-from workers import s3
+from workers import policy, s3
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +43,15 @@ class Swept:
         return f"{verb} s3://{self.bucket}/{self.key} (upload id {self.s3_upload_id[:16]}…): {self.why}"
 
 
-def sweep(db: Database, older_than: dt.timedelta, dry_run: bool = False,
+def sweep(settings: Settings, db: Database, older_than: dt.timedelta, dry_run: bool = False,
           unknown_in: str | None = None) -> list[Swept]:
-    swept = _sweep_known(db, older_than, dry_run)
+    swept = _sweep_known(settings, db, older_than, dry_run)
     if unknown_in:
         swept += _sweep_unknown(db, older_than, dry_run, unknown_in)
     return swept
 
 
-def _sweep_known(db: Database, older_than: dt.timedelta, dry_run: bool) -> list[Swept]:
+def _sweep_known(settings: Settings, db: Database, older_than: dt.timedelta, dry_run: bool) -> list[Swept]:
     cutoff = clock.now(-older_than.total_seconds())
     with db.transaction() as session:
         candidates = session.scalars(sa.select(Upload.id).where(_sweepable(cutoff))).all()
@@ -64,8 +65,13 @@ def _sweep_known(db: Database, older_than: dt.timedelta, dry_run: bool) -> list[
             if upload is None:
                 continue
             why = f"s3ferry upload {upload.id} is {upload.status}"
-            aborted = not dry_run and abort(s3.make_client(upload.endpoint_url, retries=3), upload.bucket,
-                                             upload.key, str(upload.s3_upload_id))
+            try:
+                client = policy.client_for(settings, upload.endpoint_url, upload.bucket)
+            except policy.Refused as refused:  # the row names a destination this process may not reach
+                log.warning("not swept: %s", refused, extra={"upload_id": str(upload.id)})
+                swept.append(Swept(upload.bucket, upload.key, str(upload.s3_upload_id), f"{why}; {refused}", False))
+                continue
+            aborted = not dry_run and abort(client, upload.bucket, upload.key, str(upload.s3_upload_id))
             if aborted:
                 transitions.mark_aborted(session, upload.id, "swept")
             swept.append(Swept(upload.bucket, upload.key, str(upload.s3_upload_id), why, aborted))

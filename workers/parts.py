@@ -20,7 +20,7 @@ from models import transitions
 from models.exceptions import InvalidTransition, S3FerryError
 from models.tables import Part, Upload
 from orchestrator import scheduler
-from workers import reader, retry, s3, signer
+from workers import policy, reader, retry, s3, signer
 from workers.lease import LeaseKeeper
 from workers.runtime import Runtime
 from workers.window import Signal, Slot, Window
@@ -156,7 +156,7 @@ def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | No
             transitions.release_for_retry(session, upload.id, number, delivery.token, str(error), counted=False)
         log.info("part not sent: %s", error, extra=context)
         return PartResult(number, skipped=str(error))
-    except reader.SourceChanged as error:
+    except (reader.SourceChanged, policy.Refused) as error:
         _fail(rt, upload, part, str(error))
     except OSError as error:  # reading the source failed (I/O error, file shrank, ...)
         _fail(rt, upload, part, f"reading the source failed: {error}")
@@ -181,8 +181,12 @@ RESIGNS = 3
 
 
 def transfer(rt: Runtime, upload: Upload, part: Part) -> tuple[str, str]:
-    """Stream the part's byte range to S3 with its CRC32C; returns (ETag, checksum)."""
-    path = reader.path_from_uri(upload.source_uri)
+    """Stream the part's byte range to S3 with its CRC32C; returns (ETag, checksum). The row's
+    source and destination are checked against this worker's own policy first."""
+    path = policy.source_path(rt.settings, upload.source_uri)
+    policy.check_destination(rt.settings, upload.endpoint_url, upload.bucket)
+    if upload.source_size == 0 and reader.has_content(path):  # a pseudo-file: its size says nothing
+        raise reader.SourceChanged("the source reports a size of 0 but has content: refused")
     fingerprint = (upload.source_size, upload.source_mtime_ns, upload.source_inode)
     reader.check_unchanged(path, *fingerprint)
     with reader.RangeReader(path, part.offset, part.size) as body:

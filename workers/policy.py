@@ -97,3 +97,11 @@ def own_endpoint() -> str | None:
     from workers import s3
 
     return s3.recorded_endpoint(s3.make_client(None))
+
+
+def client_for(settings: Settings, endpoint_url: str | None, bucket: str, retries: int = 3):  # type: ignore[no-untyped-def]
+    """An S3 client for an upload's destination, once this process's policy allows it."""
+    from workers import s3
+
+    check_destination(settings, endpoint_url, bucket)
+    return s3.make_client(endpoint_url, retries=retries)

@@ -147,3 +147,12 @@ def check_unchanged(path: str, size: int, mtime_ns: int, inode: int) -> None:
     ]
     if changes:
         raise SourceChanged(f"source {path} changed since submit ({', '.join(changes)})")
+
+
+def has_content(path: str) -> bool:
+    """Whether a file that reports a size of 0 yields bytes when read (/proc files do)."""
+    try:
+        with open(path, "rb", buffering=0) as file:
+            return bool(file.read(1))
+    except OSError:
+        return False

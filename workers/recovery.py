@@ -8,8 +8,9 @@ from typing import Any
 
 from botocore.client import BaseClient
 
+from models.settings import Settings
 from models.tables import Part, Upload
-from workers import reader
+from workers import policy, reader
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +22,7 @@ def listed_parts(client: BaseClient, upload: Upload) -> Iterator[Mapping[str, An
         yield from page.get("Parts", [])
 
 
-def verify(upload: Upload, part: Part, listed: Mapping[str, Any]) -> str | None:
+def verify(settings: Settings, upload: Upload, part: Part, listed: Mapping[str, Any]) -> str | None:
     """The CRC32C of a listed part whose size, ETag (MD5) and checksum match our bytes; else None.
 
     Raises reader.SourceChanged if the file is no longer the one submitted: a
@@ -32,7 +33,7 @@ def verify(upload: Upload, part: Part, listed: Mapping[str, Any]) -> str | None:
         log.warning("listed part has %s bytes, expected %d: not accepted", listed.get("Size"), part.size,
                     extra=context)
         return None
-    path = reader.path_from_uri(upload.source_uri)
+    path = policy.source_path(settings, upload.source_uri)
     reader.check_unchanged(path, upload.source_size, upload.source_mtime_ns, upload.source_inode)
     with reader.RangeReader(path, part.offset, part.size) as body:
         md5, checksum = reader.digests_of(body)

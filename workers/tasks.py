@@ -69,7 +69,7 @@ def sweep() -> list[str]:
     from orchestrator import sweeper
 
     rt = runtime.get()
-    return [str(s) for s in sweeper.sweep(rt.db, dt.timedelta(seconds=rt.settings.sweep_after_seconds))]
+    return [str(s) for s in sweeper.sweep(rt.settings, rt.db, dt.timedelta(seconds=rt.settings.sweep_after_seconds))]
 
 
 @app.task(name="s3ferry.schedule")

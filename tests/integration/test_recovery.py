@@ -123,7 +123,7 @@ def test_a_stalled_completion_is_dispatched_again(worker, settings, db, s3, buck
 def test_the_sweeper_aborts_failed_uploads_past_their_ttl_and_unknown_ones(settings, db, s3, bucket,  # type: ignore[no-untyped-def]
                                                                             tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(UserError, match="at least 1:00:00"):
-        sweeper.sweep(db, dt.timedelta(minutes=5), unknown_in=f"s3://{bucket}/tmp/")
+        sweeper.sweep(settings, db, dt.timedelta(minutes=5), unknown_in=f"s3://{bucket}/tmp/")
     monkeypatch.setattr(sweeper, "MIN_UNKNOWN_AGE", dt.timedelta(0))  # moto's uploads are all brand new
     failed, _ = prepare(settings, db, tmp_path / "failed.bin", bucket, 6 * MiB)
     live, _ = prepare(settings, db, tmp_path / "live.bin", bucket, 6 * MiB)
@@ -135,11 +135,11 @@ def test_the_sweeper_aborts_failed_uploads_past_their_ttl_and_unknown_ones(setti
     def mine(swept: list[sweeper.Swept]) -> list[sweeper.Swept]:  # other tests' failed uploads are swept too
         return [s for s in swept if s.bucket == bucket]
 
-    assert mine(sweeper.sweep(db, dt.timedelta(hours=1))) == []  # the failed one is still young
-    preview = mine(sweeper.sweep(db, dt.timedelta(0), dry_run=True, unknown_in=f"s3://{bucket}/tmp/"))
+    assert mine(sweeper.sweep(settings, db, dt.timedelta(hours=1))) == []  # the failed one is still young
+    preview = mine(sweeper.sweep(settings, db, dt.timedelta(0), dry_run=True, unknown_in=f"s3://{bucket}/tmp/"))
     assert sorted((s.key, s.aborted) for s in preview) == [("failed.bin", False), ("tmp/stranger.bin", False)]
 
-    swept = mine(sweeper.sweep(db, dt.timedelta(0), unknown_in=f"s3://{bucket}/tmp/"))
+    swept = mine(sweeper.sweep(settings, db, dt.timedelta(0), unknown_in=f"s3://{bucket}/tmp/"))
 
     assert sorted((s.s3_upload_id, s.aborted) for s in swept) == sorted(
         [(failed.s3_upload_id, True), (stranger, True)])
@@ -147,7 +147,7 @@ def test_the_sweeper_aborts_failed_uploads_past_their_ttl_and_unknown_ones(setti
     assert left == {live.s3_upload_id, outside}
     with db.transaction() as session:
         assert queries.get_upload(session, failed.upload_id).s3_aborted_at is not None
-    assert mine(sweeper.sweep(db, dt.timedelta(0))) == []  # nothing twice
+    assert mine(sweeper.sweep(settings, db, dt.timedelta(0))) == []  # nothing twice
     with db.transaction() as session:
         transitions.fail_upload(session, live.upload_id, "test over")
 
