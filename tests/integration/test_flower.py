@@ -75,3 +75,21 @@ def test_flower_refuses_to_start_without_credentials(service_env: dict[str, str]
     run = run_cli(["flower", "--port", str(services.free_port())], service_env, timeout=60)
     assert run.returncode == 2
     assert run.stderr.startswith("s3ferry: error: set S3FERRY_FLOWER_BASIC_AUTH=user:password")
+
+
+@pytest.mark.parametrize(("auth", "reason"), [
+    ("admin:CHANGE-ME", "is the example's placeholder CHANGE-ME"),  # what the examples used to ship
+    ("ops:change-me-0123456789abcdef", "is the example's placeholder CHANGE-ME"),
+    ("ops:0123456789abcde", "is shorter than 16 characters"),
+    ("flower-operator-1:flower-operator-1", "equals the user name"),
+    (f"{AUTH},admin:admin", "equals the user name"),
+])
+def test_flower_refuses_weak_or_example_credentials_before_it_listens(
+        service_env: dict[str, str], auth: str, reason: str) -> None:
+    port = services.free_port()
+    run = run_cli(["flower", f"--port={port}"], dict(service_env, S3FERRY_FLOWER_BASIC_AUTH=auth), timeout=60)
+    assert run.returncode == 2
+    assert run.stderr.startswith("s3ferry: error: S3FERRY_FLOWER_BASIC_AUTH: the password of user ")
+    assert reason in run.stderr and len(run.stderr.strip().splitlines()) == 1
+    assert "0123456789abcde" not in run.stderr and "correct-horse-battery" not in run.stderr  # never the password
+    assert not services.listening("127.0.0.1", port)  # Flower never started

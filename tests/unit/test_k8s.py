@@ -1,13 +1,15 @@
 """deploy/k8s: rendered as kustomize would (tests/kustomize.py), validated offline against the
 Kubernetes schemas (kubernetes-validate, strict: unknown fields are errors), and checked for
 what the design needs: real s3ferry roles, graceful shutdown, KEDA on the right queues, a PDB,
-sizing from the measured worker memory, no secret in a ConfigMap."""
+sizing from the measured worker memory, no secret in a ConfigMap, NetworkPolicies that admit only
+the s3ferry pods that need Redis and Postgres (evaluated here as Kubernetes would), TLS to Postgres."""
 
 from __future__ import annotations
 
 import base64
 import re
 import subprocess
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +94,7 @@ def test_every_resource_is_valid_against_the_kubernetes_schemas(rendered: list[d
             jsonschema.validate(resource, SCALED_OBJECT)
         else:
             kubernetes_validate.validate(resource, VERSION, strict=True)
-    assert {"Deployment", "Job", "ConfigMap", "PodDisruptionBudget", "ScaledObject", "Service"} <= kinds
+    assert {"Deployment", "Job", "ConfigMap", "PodDisruptionBudget", "ScaledObject", "Service", "NetworkPolicy"} <= kinds
 
 
 def test_the_validation_catches_mistakes() -> None:
@@ -216,6 +218,190 @@ def test_no_secret_in_a_config_map_and_secrets_come_from_an_ignored_file(example
     ignored = subprocess.run(["git", "check-ignore", "-q", str(K8S / "overlays" / "example" / "secrets.env")],
                              cwd=ROOT)
     assert ignored.returncode == 0, "secrets.env must be git-ignored"
+
+
+# --- network: who may reach Redis, Postgres, Flower and the metrics -------------------------------------
+
+#: The s3ferry pods (by their app.kubernetes.io/name) that talk to each service. A new role fails
+#: test_the_policies_know_every_s3ferry_pod until it is placed here (and in networkpolicy.yaml).
+REDIS_CLIENTS = {"s3ferry-worker", "s3ferry-beat", "s3ferry-flower", "s3ferry-metrics"}
+POSTGRES_CLIENTS = {"s3ferry-migrate", "s3ferry-worker", "s3ferry-beat", "s3ferry-metrics"}
+REDIS_POD = {"app.kubernetes.io/name": "redis"}
+POSTGRES_POD = {"app.kubernetes.io/name": "postgresql"}
+CA_MOUNT = "/etc/s3ferry/tls"
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector (matchLabels, matchExpressions) applied to a pod's labels; {} selects all."""
+    if any(labels.get(key) != value for key, value in selector.get("matchLabels", {}).items()):
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        present, value = key in labels, labels.get(key)
+        matched = {"In": present and value in values, "NotIn": not present or value not in values,
+                   "Exists": present, "DoesNotExist": not present}[operator]
+        if not matched:
+            return False
+    return True
+
+
+def namespace_of(resource: dict[str, Any]) -> str:
+    return resource["metadata"].get("namespace", "default")
+
+
+def admitted(policies: list[dict[str, Any]], target: dict[str, str], port: tuple[int, str | None],
+             source: dict[str, str], source_namespace: str) -> bool:
+    """Whether a connection from a pod (labels, namespace) to `target` (a pod in the policies'
+    namespace) on `port` (number, container port name) is let in: NetworkPolicy's ingress rules."""
+    applying = [p for p in policies if "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+                and selects(p["spec"]["podSelector"], target)]
+    if not applying:
+        return True
+    for policy in applying:
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            ports = rule.get("ports")
+            if ports is not None and not any(p.get("port") in port for p in ports):
+                continue
+            if peers is None or any(_peer_matches(peer, source, source_namespace, namespace_of(policy))
+                                    for peer in peers):
+                return True
+    return False
+
+
+def _peer_matches(peer: dict[str, Any], source: dict[str, str], source_namespace: str, own_namespace: str) -> bool:
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer:
+        if not selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": source_namespace}):
+            return False
+    elif source_namespace != own_namespace:  # a podSelector alone: pods of the policy's own namespace
+        return False
+    return selects(peer.get("podSelector", {}), source)
+
+
+def s3ferry_pods(resources: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Pod labels of every s3ferry workload, by app.kubernetes.io/name."""
+    pods = {}
+    for resource in resources:
+        if resource["kind"] in ("Deployment", "Job"):
+            labels = resource["spec"]["template"]["metadata"]["labels"]
+            pods[labels["app.kubernetes.io/name"]] = labels
+    return pods
+
+
+def url_port(url: str) -> int:
+    return urllib.parse.urlsplit(url).port  # type: ignore[return-value]
+
+
+def test_the_policies_know_every_s3ferry_pod(rendered: list[dict[str, Any]]) -> None:
+    assert set(s3ferry_pods(rendered)) == REDIS_CLIENTS | POSTGRES_CLIENTS | {"s3ferry-flower"}
+
+
+def test_by_default_nothing_reaches_the_namespace_s_pods(rendered: list[dict[str, Any]]) -> None:
+    policies = [r for r in rendered if r["kind"] == "NetworkPolicy"]
+    deny = find(rendered, "NetworkPolicy", "s3ferry-default-deny-ingress")["spec"]
+    assert deny["podSelector"] == {} and deny["policyTypes"] == ["Ingress"] and not deny.get("ingress")
+    namespace = namespace_of(policies[0])
+    worker = s3ferry_pods(rendered)["s3ferry-worker"]
+    for target in (worker, {"app": "anything-else"}):  # workers and beat take no connection at all
+        for source, source_namespace in ((worker, namespace), ({"app": "x"}, namespace), ({}, "elsewhere")):
+            assert not admitted(policies, target, (8080, "http"), source, source_namespace)
+
+
+def test_only_s3ferry_pods_and_keda_reach_redis_on_the_broker_url_s_port(
+        rendered: list[dict[str, Any]], example: list[dict[str, Any]]) -> None:
+    policies = [r for r in rendered if r["kind"] == "NetworkPolicy"]
+    namespace = namespace_of(policies[0])
+    secret = {k: base64.b64decode(v).decode() for k, v in find(example, "Secret", "s3ferry")["data"].items()}
+    port = (url_port(secret["S3FERRY_BROKER_URL"]), None)
+    assert port[0] == int(find(example, "ConfigMap", "s3ferry")["data"]["S3FERRY_KEDA_REDIS_ADDRESS"].rsplit(":")[1])
+    for name, labels in s3ferry_pods(rendered).items():
+        assert admitted(policies, REDIS_POD, port, labels, namespace) == (name in REDIS_CLIENTS), name
+        assert not admitted(policies, REDIS_POD, port, labels, "another-namespace"), name
+        assert not admitted(policies, REDIS_POD, (port[0] + 1, None), labels, namespace), name
+    assert not admitted(policies, REDIS_POD, port, {"app.kubernetes.io/name": "intruder"}, namespace)
+    assert not admitted(policies, REDIS_POD, port, {}, namespace)
+    keda = {"app.kubernetes.io/name": "keda-operator"}  # KEDA's queue-length triggers
+    assert admitted(policies, REDIS_POD, port, keda, "keda")
+    assert not admitted(policies, REDIS_POD, port, keda, namespace)
+
+
+def test_only_s3ferry_pods_that_use_it_reach_postgres_on_the_database_url_s_port(
+        rendered: list[dict[str, Any]], example: list[dict[str, Any]]) -> None:
+    policies = [r for r in rendered if r["kind"] == "NetworkPolicy"]
+    namespace = namespace_of(policies[0])
+    secret = {k: base64.b64decode(v).decode() for k, v in find(example, "Secret", "s3ferry")["data"].items()}
+    port = (url_port(secret["S3FERRY_DATABASE_URL"]), None)
+    for name, labels in s3ferry_pods(rendered).items():
+        assert admitted(policies, POSTGRES_POD, port, labels, namespace) == (name in POSTGRES_CLIENTS), name
+        assert not admitted(policies, POSTGRES_POD, port, labels, "another-namespace"), name
+    assert not admitted(policies, POSTGRES_POD, port, {"app.kubernetes.io/name": "intruder"}, namespace)
+    assert not admitted(policies, POSTGRES_POD, port, {"app.kubernetes.io/name": "keda-operator"}, "keda")
+
+
+@pytest.mark.parametrize(("deployment", "allowed", "allowed_namespace"), [
+    ("s3ferry-flower", {}, "ingress-nginx"),  # the TLS-terminating ingress controller
+    ("s3ferry-metrics", {"app.kubernetes.io/name": "prometheus"}, "monitoring"),
+])
+def test_flower_and_the_metrics_are_reached_only_from_where_they_are_used(
+        rendered: list[dict[str, Any]], deployment: str, allowed: dict[str, str], allowed_namespace: str) -> None:
+    policies = [r for r in rendered if r["kind"] == "NetworkPolicy"]
+    namespace = namespace_of(policies[0])
+    pod = find(rendered, "Deployment", deployment)["spec"]["template"]
+    (container_port,) = pod["spec"]["containers"][0]["ports"]
+    port = (container_port["containerPort"], container_port["name"])
+    target = pod["metadata"]["labels"]
+    assert admitted(policies, target, port, allowed, allowed_namespace)
+    assert not admitted(policies, target, (port[0] + 1, "other"), allowed, allowed_namespace)
+    for source in s3ferry_pods(rendered).values():
+        assert not admitted(policies, target, port, source, namespace)
+    assert not admitted(policies, target, port, {"app": "x"}, "elsewhere")
+    scrape = pod["metadata"].get("annotations", {}).get("prometheus.io/port")
+    assert scrape in (None, str(port[0]))
+
+
+def test_no_url_with_a_password_sits_in_a_config_map(rendered: list[dict[str, Any]]) -> None:
+    config_maps = [r for r in rendered if r["kind"] == "ConfigMap"]
+    assert config_maps
+    for config_map in config_maps:
+        for key, value in config_map.get("data", {}).items():
+            assert key not in ("S3FERRY_DATABASE_URL", "S3FERRY_BROKER_URL", "S3FERRY_RESULT_BACKEND"), key
+            for url in re.findall(r"[a-z][a-z0-9+.-]*://\S+", value):
+                parts = urllib.parse.urlsplit(url)
+                assert parts.password is None and "@" not in parts.netloc, f"{key}: a URL with credentials"
+
+
+def test_the_secret_s_urls_carry_the_passwords_and_postgres_checks_the_server(example: list[dict[str, Any]]) -> None:
+    secret = {k: base64.b64decode(v).decode() for k, v in find(example, "Secret", "s3ferry")["data"].items()}
+    broker = urllib.parse.urlsplit(secret["S3FERRY_BROKER_URL"])
+    assert broker.scheme in ("redis", "rediss") and broker.password  # Redis requires its password
+    database = urllib.parse.urlsplit(secret["S3FERRY_DATABASE_URL"])
+    assert database.password
+    query = urllib.parse.parse_qs(database.query)
+    assert query["sslmode"] == ["verify-full"]  # crosses the cluster network: TLS, server name checked
+    assert query["sslrootcert"][0].startswith(CA_MOUNT + "/")
+
+
+def test_every_container_sees_the_ca_the_urls_name(rendered: list[dict[str, Any]]) -> None:
+    for resource in rendered:
+        if resource["kind"] not in ("Deployment", "Job"):
+            continue
+        spec = pod_spec(resource)
+        volume = next(v for v in spec["volumes"] if v["name"] == "tls-ca")
+        assert volume["configMap"] == {"name": "s3ferry-ca", "optional": True}  # pods start without one
+        for container in spec["containers"] + spec.get("initContainers", []):
+            assert {"name": "tls-ca", "mountPath": CA_MOUNT, "readOnly": True} in container["volumeMounts"], (
+                resource["metadata"]["name"], container["name"])
+
+
+def test_workers_may_read_only_the_sources_volume_and_send_only_to_the_buckets_set(
+        rendered: list[dict[str, Any]], example: list[dict[str, Any]]) -> None:
+    config = find(rendered, "ConfigMap", "s3ferry")["data"]
+    mounts = pod_spec(find(rendered, "Deployment", "s3ferry-worker"))["containers"][0]["volumeMounts"]
+    sources = next(m for m in mounts if m["name"] == "sources")
+    assert config["S3FERRY_SOURCE_ROOTS"] == sources["mountPath"] and sources["readOnly"] is True
+    assert find(example, "ConfigMap", "s3ferry")["data"]["S3FERRY_BUCKETS"]  # none unless set
 
 
 def test_the_example_overlay_sets_the_namespace_and_the_image(example: list[dict[str, Any]]) -> None:
