@@ -287,7 +287,8 @@ def local_urls(home: str) -> dict[str, str]:
 
 def broker_socket(home: str) -> str:
     """The private Redis server's unix socket: in the data folder, or, when that path is too long
-    for a socket (about 100 bytes) or would need quoting in a URL, in the temp folder."""
+    for a socket (about 100 bytes) or would need quoting in a URL, in a folder of the user's own
+    in the temp folder (single-machine mode checks that it is private before it uses it)."""
     path = os.path.join(home, "broker", "redis.sock")
     if len(path.encode()) <= 100 and re.fullmatch(r"[A-Za-z0-9._/-]+", path):
         return path
@@ -295,7 +296,8 @@ def broker_socket(home: str) -> str:
     import tempfile
 
     digest = hashlib.sha256(home.encode()).hexdigest()[:16]
-    return os.path.join(tempfile.gettempdir(), f"s3ferry-{os.getuid() if hasattr(os, 'getuid') else 0}-{digest}.sock")
+    uid = os.getuid() if hasattr(os, "getuid") else 0
+    return os.path.join(tempfile.gettempdir(), f"s3ferry-{uid}-{digest}", "redis.sock")
 
 
 def mask_password(url: str) -> str:

@@ -36,6 +36,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -135,6 +136,7 @@ class Home:
         try:
             for sub in ("", "broker", "sessions", "logs"):
                 (self.path / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(self.socket), mode=0o700, exist_ok=True)
             probe = self.path / f".write-test-{self.token}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -142,6 +144,7 @@ class Home:
             reason = os.strerror(error.errno) if error.errno else str(error)
             raise UserError(f"the data folder {self.path} is not writable ({reason}): "
                             "set S3FERRY_HOME to a folder you can write to") from None
+        _check_private(os.path.dirname(self.socket))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -285,6 +288,7 @@ class Home:
     # -- the broker -----------------------------------------------------------------------
 
     def _broker(self):  # type: ignore[no-untyped-def]
+        _check_private(os.path.dirname(self.socket))  # never a Redis that someone else started
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -347,6 +351,8 @@ class Home:
         env.update(S3FERRY_DATABASE_URL=self.settings.database_url, S3FERRY_BROKER_URL=self.settings.broker_url,
                    S3FERRY_RESULT_BACKEND=self.settings.result_backend, S3FERRY_NODE_TOKEN=self.token,
                    S3FERRY_PARENT_PID=str(os.getpid()),
+                   # the command's own policy (single-machine mode's defaults, or what the user set)
+                   S3FERRY_SOURCE_ROOTS=self.settings.source_roots, S3FERRY_BUCKETS=self.settings.buckets,
                    # the command does the graceful part itself (stop_worker): a cold stop is immediate
                    S3FERRY_SOFT_SHUTDOWN_SECONDS="0")
         argv = [sys.executable, "-m", "orchestrator.cli", "worker", "--pool=threads", f"--concurrency={concurrency}",
@@ -514,3 +520,19 @@ def _tail(path: Path, lines: int = 5) -> str:
     except OSError as error:
         return os.strerror(error.errno or errno.EIO)
     return " | ".join(line.strip() for line in text[-lines:])
+
+
+def _check_private(folder: str) -> None:
+    """The broker's folder must be this user's own, a real folder, closed to others: a Redis
+    that another user started on a predictable path (in /tmp) would see every task, and
+    could answer them."""
+    try:
+        info = os.lstat(folder)
+    except OSError as error:
+        raise UserError(f"the broker's folder {folder} cannot be checked ({error.strerror})") from None
+    problem = ("is not a folder" if not stat.S_ISDIR(info.st_mode)
+               else f"belongs to user {info.st_uid}, not to you" if info.st_uid != os.getuid()
+               else "is open to other users" if info.st_mode & 0o077 else None)
+    if problem:
+        raise UserError(f"refusing the broker's folder {folder}: it {problem} (remove it, or set S3FERRY_HOME "
+                        "to a short path in a folder of your own)")

@@ -149,7 +149,7 @@ def reconcile(settings: Settings, db: Database, upload_id: uuid.UUID, force: boo
         report.action = f"failed: {error}"
         scheduler.request_schedule()
         return report
-    if not scheduler.ensure_multipart(db, upload_id):  # it started, then died before creating it
+    if not scheduler.ensure_multipart(settings, db, upload_id):  # it started, then died before creating it
         report.action = "CreateMultipartUpload failed"
         scheduler.request_schedule()
         return report

@@ -9,9 +9,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sqlite3
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -315,3 +317,42 @@ def _alive(pid: int) -> bool:
             return stat.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.parametrize("foreign", ["open", "other-user", "symlink"])
+def test_a_broker_folder_in_the_temp_folder_that_is_not_private_is_refused(  # type: ignore[no-untyped-def]
+        foreign: str, service_env: dict[str, str], tmp_path: Path, s3, bucket: str) -> None:
+    """A data folder path with a space puts the socket in the temp folder, at a predictable path:
+    a folder someone else made there (open, theirs, or a link) is never used."""
+    home = tmp_path / "with space" / "home"
+    env = {key: value for key, value in service_env.items()
+           if key not in ("S3FERRY_DATABASE_URL", "S3FERRY_BROKER_URL", "S3FERRY_RESULT_BACKEND",
+                          "S3FERRY_QUEUE", "S3FERRY_MAX_ACTIVE_UPLOADS")}
+    env["S3FERRY_HOME"] = str(home)
+    folder = Path(broker_socket(str(home))).parent
+    assert str(folder).startswith(tempfile.gettempdir()) and " " not in str(folder)
+    elsewhere = tmp_path / "theirs"
+    elsewhere.mkdir(mode=0o700)
+    if foreign == "open":
+        folder.mkdir(mode=0o700)
+        folder.chmod(0o777)
+    elif foreign == "other-user":
+        if os.getuid() != 0:
+            pytest.skip("giving a folder to another user needs root (CI runs as root)")
+        folder.mkdir(mode=0o700)
+        os.chown(folder, 12345, 12345)
+    else:
+        folder.symlink_to(elsewhere)
+    source = tmp_path / "small.bin"
+    write_random(source, MiB)
+    try:
+        run = run_cli(["upload", str(source), f"s3://{bucket}/small.bin"], env)
+        assert run.returncode == 2 and "refusing the broker's folder" in run.stderr, (run.returncode, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1, run.stderr
+        assert list(elsewhere.iterdir()) == [] and not (folder / "redis.sock").exists()
+    finally:
+        if folder.is_symlink():
+            folder.unlink()
+        else:
+            shutil.rmtree(folder)
+    assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
