@@ -180,6 +180,12 @@ class Settings:
                                 "characters of A-Z a-z 0-9 . _ : - (no spaces or newlines)")
         self._check_relations()
         self._check_policy()
+        for name in ("broker_url", "result_backend"):
+            url = getattr(self, name)
+            if url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
+                raise SettingsError(f"S3FERRY_{name.upper()}: a rediss:// URL needs ssl_cert_reqs=required (and "
+                                    "ssl_ca_certs=/path/to/ca.pem for a private CA): without it the certificate "
+                                    "is not checked")
 
     def _check_policy(self) -> None:
         for root in self.source_root_list:

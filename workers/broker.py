@@ -42,6 +42,15 @@ def control_routes(queue: str) -> dict[str, dict[str, str]]:
             for name in ("s3ferry.schedule", "s3ferry.reconcile", "s3ferry.sweep", "s3ferry.complete_upload")}
 
 
+def _tls_options(url: str) -> dict[str, object] | None:
+    """The TLS options of a rediss:// URL (its query string), as kombu parses them."""
+    if not url.startswith("rediss://"):
+        return None
+    from kombu.utils.url import parse_url
+
+    return parse_url(url).get("ssl") or None
+
+
 def make_app(settings: Settings) -> Celery:
     # The Redis result backend holds the chord counters; s3ferry's variant skips the
     # per-task result subscriptions that nobody here waits on (see workers/backend.py).
@@ -73,6 +82,9 @@ def make_app(settings: Settings) -> Celery:
         # `s3ferry worker` and the image set), parts in flight get this long to finish; the
         # rest are requeued and their claims released (see _release_claims_at_exit below).
         worker_soft_shutdown_timeout=settings.soft_shutdown_seconds,
+        # rediss://...?ssl_cert_reqs=required&ssl_ca_certs=...: the broker connection takes the
+        # URL's TLS options, and so does Flower, which reads only this setting
+        broker_use_ssl=_tls_options(settings.broker_url),
         result_expires=RESULT_EXPIRES,
         result_extended=False,
         task_track_started=True,

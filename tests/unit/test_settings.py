@@ -176,3 +176,34 @@ def test_fleet_settings_errors_are_settings_errors_too(tmp_path) -> None:
         Settings.from_env({"S3FERRY_DATABASE_URL": "sqlite:///x.db"})
     with pytest.raises(SettingsError):
         Settings.from_env({"S3FERRY_HOME": str(tmp_path), "S3FERRY_PRESIGNED": "1"})
+
+
+def test_a_rediss_url_must_ask_for_the_certificate_check() -> None:
+    fleet = {"S3FERRY_DATABASE_URL": "postgresql+psycopg://db/s3ferry"}
+    for name in ("BROKER_URL", "RESULT_BACKEND"):
+        env = {**fleet, "S3FERRY_BROKER_URL": "redis://:pw@redis:6379/0", f"S3FERRY_{name}": "rediss://:pw@redis:6380/0"}
+        with pytest.raises(SettingsError, match=f"S3FERRY_{name}: a rediss:// URL needs ssl_cert_reqs=required"):
+            Settings.from_env(env)
+    checked = "rediss://:pw@redis:6380/0?ssl_cert_reqs=required&ssl_ca_certs=/etc/s3ferry/tls/ca.pem"
+    settings = Settings.from_env({**fleet, "S3FERRY_BROKER_URL": checked})
+    from workers.broker import make_app
+
+    import ssl
+    assert make_app(settings).conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED,
+                                                      "ssl_ca_certs": "/etc/s3ferry/tls/ca.pem"}
+
+
+def test_policy_settings_are_checked_and_the_signer_key_never_shown() -> None:
+    fleet = {"S3FERRY_DATABASE_URL": "postgresql+psycopg://db/s3ferry", "S3FERRY_BROKER_URL": "redis://r:6379/0"}
+    for name, value, message in (("SOURCE_ROOTS", "data:/srv", "is not an absolute path"),
+                                 ("ENDPOINTS", "minio:9000", "is not an endpoint"),
+                                 ("BUCKETS", "Upper_Case", "is not a bucket name or pattern"),
+                                 ("SIGNER_KEY", "short", "at least 32 characters")):
+        with pytest.raises(SettingsError, match=message):
+            Settings.from_env({**fleet, f"S3FERRY_{name}": value})
+    settings = Settings.from_env({**fleet, "S3FERRY_SOURCE_ROOTS": "/data:/srv/in", "S3FERRY_BUCKETS": "a-*, b",
+                                  "S3FERRY_SIGNER_KEY": "k" * 40})
+    assert settings.source_root_list == ["/data", "/srv/in"] and settings.bucket_patterns == ["a-*", "b"]
+    assert "k" * 40 not in repr(settings) and "signer_key='***'" in repr(settings)
+    unset = Settings.from_env(fleet)  # a fleet refuses everything until told
+    assert unset.source_root_list == [] and unset.bucket_patterns == []
