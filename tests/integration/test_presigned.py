@@ -20,18 +20,22 @@ pytestmark = pytest.mark.integration
 
 #: what a presigned URL carries that must never leak
 SECRETS = ("X-Amz-Signature", "X-Amz-Credential")
+#: the key that authenticates the signer's replies: the signer and the workers get it from their env
+SIGNER_KEY = "test-signer-key-" + "0123456789abcdef" * 2
 
 
 def without_credentials(env: dict[str, str]) -> dict[str, str]:
-    """A part worker's environment: no AWS keys, profiles or config files to find any in."""
+    """A part worker's environment: no AWS keys, profiles or config files to find any in; the S3
+    endpoint it may send to (it has no AWS_ENDPOINT_URL of its own) and the signer's key."""
     clean = {k: v for k, v in env.items() if not k.startswith("AWS_")}
     return {**clean, "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent",
-            "AWS_EC2_METADATA_DISABLED": "true", "S3FERRY_PRESIGNED": "1"}
+            "AWS_EC2_METADATA_DISABLED": "true", "S3FERRY_PRESIGNED": "1", "S3FERRY_SIGNER_KEY": SIGNER_KEY,
+            "S3FERRY_ENDPOINTS": env["AWS_ENDPOINT_URL"]}
 
 
-def start_signer(workdir: Path, env: dict[str, str]) -> services.Server:
-    server = services.Server(f"signer-{uuid.uuid4().hex[:4]}", [S3FERRY, "signer", "--concurrency=2"], workdir,
-                             env=env)
+def start_signer(workdir: Path, env: dict[str, str], *args: str) -> services.Server:
+    server = services.Server(f"signer-{uuid.uuid4().hex[:4]}", [S3FERRY, "signer", "--concurrency=2", *args],
+                             workdir, env={"S3FERRY_SIGNER_KEY": SIGNER_KEY, **env})
     server.ready = lambda: "ready." in server.output()  # type: ignore[method-assign]
     return server.start(timeout=60)
 
