@@ -503,6 +503,9 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     if settings.presigned:
         from workers import window
 
+        if not settings.signer_key:
+            raise UserError("S3FERRY_PRESIGNED=1: set S3FERRY_SIGNER_KEY (at least 32 characters, the same as "
+                            "`s3ferry signer`'s): workers use only the URLs whose replies it authenticates")
         if window.redis_url(settings.result_backend, settings.broker_url) is None:
             raise UserError("S3FERRY_PRESIGNED=1: workers ask the signer through Redis, so S3FERRY_RESULT_BACKEND "
                             "or S3FERRY_BROKER_URL must be a redis:// URL")
@@ -535,10 +538,17 @@ def node_name(role: str) -> str:
 
 #: user:password, or several separated by commas (Flower's own format)
 FLOWER_AUTH = re.compile(r"[^:,\s]+:[^,\s]+(,[^:,\s]+:[^,\s]+)*")
+#: Flower's basic auth goes over the network: shorter passwords, one equal to its user name, and the
+#: examples' placeholder (CHANGE-ME, in any case, with or without the dash) are refused
+FLOWER_MIN_PASSWORD = 16
+FLOWER_PLACEHOLDER = re.compile(r"change-?me", re.IGNORECASE)
 
 
 def _signer(args: argparse.Namespace, settings: Settings) -> int:
     _refuse_local(settings, "signer")
+    if not settings.signer_key:
+        raise UserError("s3ferry signer needs S3FERRY_SIGNER_KEY (at least 32 characters, the same as the "
+                        "presigned workers'): they use only the URLs whose replies it authenticates")
     from workers import signer, window
     from workers.app import app, control_queue
 
@@ -561,6 +571,14 @@ def _flower(args: argparse.Namespace, settings: Settings) -> int:
     if not FLOWER_AUTH.fullmatch(auth):
         raise UserError("set S3FERRY_FLOWER_BASIC_AUTH=user:password (several separated by commas): Flower shows "
                         "every worker and task, so s3ferry never runs it without credentials")
+    for user, _, password in (pair.partition(":") for pair in auth.split(",")):
+        weakness = ("is the example's placeholder CHANGE-ME" if FLOWER_PLACEHOLDER.search(password)
+                    else "equals the user name" if password.casefold() == user.casefold()
+                    else f"is shorter than {FLOWER_MIN_PASSWORD} characters" if len(password) < FLOWER_MIN_PASSWORD
+                    else None)
+        if weakness:  # the password itself is never printed
+            raise UserError(f"S3FERRY_FLOWER_BASIC_AUTH: the password of user {user!r} {weakness}: generate one, "
+                            "e.g. `openssl rand -hex 24`")
     # Handed to Flower through its environment, not its command line, where `ps` would show it.
     os.environ["FLOWER_BASIC_AUTH"] = auth
     from workers.app import app

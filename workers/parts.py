@@ -222,13 +222,15 @@ def _put_with_credentials(rt: Runtime, upload: Upload, part: Part, body: reader.
 
 def _put_presigned(rt: Runtime, upload: Upload, part: Part, body: reader.RangeReader,
                    checksum: str) -> dict[str, str]:
-    """Send through URLs from the signer; a URL refused as expired is replaced, uncounted."""
+    """Send through URLs from the signer; a URL refused as expired is replaced, uncounted. Only a
+    URL whose reply is authenticated and that is for exactly this part is used (workers/signer.py)."""
     client = rt.redis
     if client is None:
         raise s3.PermanentS3Error("presigned mode needs Redis (the signer answers through it)")
+    target = signer.Target.of(upload, part)
     for resign in range(RESIGNS + 1):
         try:
-            url = signer.request(client, rt.settings.queue, upload.id, part.part_number, checksum)
+            url = signer.request(client, rt.settings.queue, rt.settings.signer_key, target, checksum)
         except redis.RedisError as error:
             raise s3.UnreachableS3Error(f"could not reach the signer through Redis: {error}") from None
         body.seek(0)
