@@ -97,8 +97,11 @@ def ensure_multipart(settings: Settings, db: Database, upload_id: uuid.UUID) -> 
     """
     with db.transaction() as session:
         upload = queries.get_upload(session, upload_id)
-    if upload.total_parts == 1 or upload.s3_upload_id:
-        return True  # one part is one PutObject
+    if upload.s3_upload_id:
+        return True
+    # One part too is a multipart upload (of one part): a late send, by a worker whose claim ran
+    # out, then finds the multipart upload completed (NoSuchUpload) instead of overwriting a newer
+    # object at the key, which a PutObject would.
     context = {"upload_id": str(upload_id)}
     try:
         client = policy.client_for(settings, upload.endpoint_url, upload.bucket)

@@ -204,3 +204,29 @@ def _key(db: Database, upload_id: uuid.UUID) -> str:
 def _s3_upload_id(db: Database, upload_id: uuid.UUID) -> str:
     with db.transaction() as session:
         return str(queries.get_upload(session, upload_id).s3_upload_id)
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_late_send_of_a_one_part_upload_cannot_overwrite_the_object(  # type: ignore[no-untyped-def]
+        service_env: dict[str, str], db: Database, s3, bucket: str, tmp_path: Path) -> None:
+    """One part is a multipart upload of one part: a worker whose claim ran out while it sent
+    (hung, then woke after the upload completed and someone wrote a newer object) gets
+    NoSuchUpload, and the newer object stays."""
+    from tests.integration.helpers import submit as submit_cli
+    from workers import parts, s3 as s3_errors
+    from workers.runtime import Runtime
+
+    source = tmp_path / "one.bin"
+    write_random(source, MiB)
+    upload_id = submit_cli(service_env, source, bucket)
+    assert wait_status(db, upload_id, FINISHED) == UploadStatus.COMPLETE
+    with db.transaction() as session:
+        upload = queries.get_upload(session, upload_id)
+        part = queries.parts(session, upload_id)[0]
+    assert upload.total_parts == 1 and upload.s3_upload_id
+    s3.put_object(Bucket=bucket, Key=upload.key, Body=b"newer")  # a newer version, written after
+
+    late = Runtime(settings=Settings.from_env(), db=db)
+    with pytest.raises(s3_errors.S3Error):  # S3 answers NoSuchUpload; moto, a 500
+        parts.transfer(late, upload, part)
+    assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == b"newer"
