@@ -52,6 +52,8 @@ class Upload(Base):
     source_size: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
     source_mtime_ns: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
     source_inode: orm.Mapped[int] = orm.mapped_column(sa.BigInteger)
+    #: st_ctime_ns, which `touch -r` cannot restore; NULL on rows recorded before it was taken
+    source_ctime_ns: orm.Mapped[int | None] = orm.mapped_column(sa.BigInteger)
     # destination
     bucket: orm.Mapped[str] = orm.mapped_column(sa.String(63))
     key: orm.Mapped[str] = orm.mapped_column(sa.String(1024))
@@ -80,6 +82,9 @@ class Upload(Base):
     s3_aborted_at: orm.Mapped[dt.datetime | None]
     #: the object's ETag once complete
     etag: orm.Mapped[str | None] = orm.mapped_column(sa.String(128))
+    #: the object's CRC32C once complete, computed from the parts' checksums as read from the source:
+    #: plain base64 for one part, S3's COMPOSITE form (base64 of the CRC32C of the parts' CRC32Cs, then '-N')
+    checksum: orm.Mapped[str | None] = orm.mapped_column(sa.String(64))
     #: the worker process completing it (while completing): if it dies, any worker sees it
     completer: orm.Mapped[str | None] = orm.mapped_column(sa.String(255))
 

@@ -125,8 +125,11 @@ def begin_completing(session: orm.Session, upload_id: uuid.UUID, reason: str, co
     _move_upload(session, upload_id, UploadStatus.COMPLETING, reason, completer=completer)
 
 
-def mark_complete(session: orm.Session, upload_id: uuid.UUID, etag: str | None, reason: str) -> None:
-    _move_upload(session, upload_id, UploadStatus.COMPLETE, reason, etag=etag, finished_at=clock.now())
+def mark_complete(session: orm.Session, upload_id: uuid.UUID, etag: str | None, reason: str,
+                  checksum: str | None = None) -> None:
+    """Complete, with the object's ETag and its CRC32C as computed from what was read."""
+    _move_upload(session, upload_id, UploadStatus.COMPLETE, reason, etag=etag, checksum=checksum,
+                 finished_at=clock.now())
 
 
 def fail_upload(session: orm.Session, upload_id: uuid.UUID, error: str) -> None:

@@ -12,10 +12,15 @@ from models.exceptions import UserError
 
 @dataclasses.dataclass(frozen=True)
 class Source:
+    """A file and its fingerprint: size, mtime, inode and ctime (a rewrite whose mtime was put back
+    with `touch -r` still moves the ctime, which only the kernel sets). Not the device number: a
+    network file system's differs between the hosts that mount it, and after a remount."""
+
     path: Path
     size: int
     mtime_ns: int
     inode: int
+    ctime_ns: int
 
     @property
     def uri(self) -> str:
@@ -39,4 +44,4 @@ def open_source(path_text: str) -> Source:
         os.close(os.open(path, os.O_RDONLY))
     except OSError as error:
         raise UserError(f"source {path_text!r} cannot be read: {error.strerror}") from None
-    return Source(path.resolve(), info.st_size, info.st_mtime_ns, info.st_ino)
+    return Source(path.resolve(), info.st_size, info.st_mtime_ns, info.st_ino, info.st_ctime_ns)

@@ -81,7 +81,9 @@ def find_resumable(db: Database, request: Request) -> Submitted | None:
     with db.transaction() as session:
         upload = session.scalars(sa.select(Upload).where(
             Upload.source_uri == src.uri, Upload.source_size == src.size, Upload.source_mtime_ns == src.mtime_ns,
-            Upload.source_inode == src.inode, Upload.bucket == dest.bucket, Upload.key == dest.key,
+            Upload.source_inode == src.inode,
+            sa.or_(Upload.source_ctime_ns == src.ctime_ns, Upload.source_ctime_ns.is_(None)),  # NULL: from before 0004
+            Upload.bucket == dest.bucket, Upload.key == dest.key,
             Upload.status.in_(ATTACHABLE)).order_by(Upload.created_at.desc()).limit(1)).first()
     if upload is None:
         return None
@@ -109,7 +111,7 @@ def record(settings: Settings, db: Database, request: Request, *, max_retries: i
     client = s3.make_client(retries=3)
     check_bucket(client, dest.bucket)
     upload = Upload(source_uri=src.uri, source_size=src.size, source_mtime_ns=src.mtime_ns,
-                    source_inode=src.inode, bucket=dest.bucket, key=dest.key,
+                    source_inode=src.inode, source_ctime_ns=src.ctime_ns, bucket=dest.bucket, key=dest.key,
                     endpoint_url=s3.recorded_endpoint(client), part_size=the_plan.part_size, priority=priority,
                     max_retries=settings.max_retries if max_retries is None else max_retries,
                     retry_count=0, queue=settings.queue)

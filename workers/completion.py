@@ -4,10 +4,16 @@ The chord hands over the part results it collected; Postgres holds the whole
 list (a chord dispatched after a recovery covers only the parts that were
 missing). Each collected ETag must agree with Postgres. Completing twice, or
 before every part is done, changes nothing and says so.
+
+The object is then checked against what was read, not against S3 itself: its
+size, its ETag, and the CRC32C S3 reports for it (HeadObject, ChecksumMode
+ENABLED), which must equal the one computed from the parts' CRC32Cs as the
+workers read them from the source (S3's COMPOSITE form for a multipart upload).
 """
 
 from __future__ import annotations
 
+import base64
 import binascii
 import datetime as dt
 import hashlib
@@ -15,6 +21,7 @@ import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 
+import crc32c
 import sqlalchemy as sa
 
 from models import queries, transitions
@@ -78,15 +85,16 @@ def complete(rt: Runtime, upload_id: uuid.UUID, collected: Iterable[Mapping[str,
                 if status != UploadStatus.COMPLETING:  # another callback finished it, or it failed
                     log.info("upload became %s meanwhile; not completing it", status, extra=context)
                     return status
-    etag = _complete_in_s3(rt, upload, parts, attempt)
+    etag, checksum, verified = _complete_in_s3(rt, upload, parts, attempt)
     with rt.db.transaction() as session:
         try:
-            transitions.mark_complete(session, upload_id, etag, "object verified with HeadObject")
+            transitions.mark_complete(session, upload_id, etag, f"object verified with HeadObject: {verified}",
+                                      checksum=checksum)
         except InvalidTransition:
             status = queries.get_upload(session, upload_id).status
             log.info("upload became %s meanwhile", status, extra=context)
             return status
-    log.info("upload complete", extra={**context, "etag": etag})
+    log.info("upload complete", extra={**context, "etag": etag, "checksum": checksum})
     scheduler.request_schedule()  # a slot is free: the next queued upload may start
     return UploadStatus.COMPLETE
 
@@ -106,7 +114,9 @@ def _check_collected(parts: Sequence[Part], collected: Iterable[Mapping[str, obj
     return None
 
 
-def _complete_in_s3(rt: Runtime, upload: Upload, parts: Sequence[Part], attempt: int) -> str:
+def _complete_in_s3(rt: Runtime, upload: Upload, parts: Sequence[Part],
+                    attempt: int) -> tuple[str, str | None, str]:
+    """Complete in S3 and check the object; returns (ETag, checksum, what was verified)."""
     client = rt.s3(upload.endpoint_url)
     expected = expected_etag(parts) if upload.s3_upload_id else parts[0].etag
     maybe_done_before = False
@@ -124,7 +134,7 @@ def _complete_in_s3(rt: Runtime, upload: Upload, parts: Sequence[Part], attempt:
                         extra={"upload_id": str(upload.id)})
             maybe_done_before = True
     try:
-        head = client.head_object(Bucket=upload.bucket, Key=upload.key)
+        head = client.head_object(Bucket=upload.bucket, Key=upload.key, ChecksumMode="ENABLED")
     except Exception as error:
         if maybe_done_before and s3.error_code(error) in ("404", "NoSuchKey") and attempt < upload.max_retries:
             # Another completion of this upload may be finishing right now: look again shortly.
@@ -136,7 +146,36 @@ def _complete_in_s3(rt: Runtime, upload: Upload, parts: Sequence[Part], attempt:
         _fail(rt, upload.id, f"the object's ETag is {head['ETag']}; its parts give {expected}")
     if maybe_done_before and not expected and _older_than_upload(head["LastModified"], upload.started_at):
         _fail(rt, upload.id, "the multipart upload is gone and the object at the key is older than this upload")
-    return head["ETag"]
+    checksum, verified = _check_checksum(rt, upload, parts, head)
+    return head["ETag"], checksum, verified
+
+
+def _check_checksum(rt: Runtime, upload: Upload, parts: Sequence[Part],
+                    head: Mapping[str, object]) -> tuple[str | None, str]:
+    """The object's CRC32C as S3 reports it must be the one the parts give as they were read.
+
+    Returns (the expected checksum, what was verified). A store that reports none (some
+    S3-compatibles, or a checksum of another kind than the one asked for) leaves the
+    size and ETag checks alone, and says so.
+    """
+    context = {"upload_id": str(upload.id)}
+    expected = expected_checksum(parts, multipart=bool(upload.s3_upload_id))
+    reported = head.get("ChecksumCRC32C")
+    kind = head.get("ChecksumType")
+    if expected is None:
+        log.warning("a part has no CRC32C recorded: the object's checksum was not checked", extra=context)
+        return None, "size and ETag (a part has no checksum recorded)"
+    if not reported:
+        log.warning("the store reported no CRC32C for the object: its checksum was not available; "
+                    "verified by size and ETag only", extra=context)
+        return expected, "size and ETag (the store reported no object checksum)"
+    if upload.s3_upload_id and kind == "FULL_OBJECT":  # not what CreateMultipartUpload asked for
+        log.warning("the store reported a full-object CRC32C, not the composite one asked for: not comparable; "
+                    "verified by size and ETag only", extra=context)
+        return expected, "size and ETag (the store reported a full-object checksum, not a composite one)"
+    if not same_checksum(str(reported), expected):
+        _fail(rt, upload.id, f"the object's CRC32C is {reported}; the parts as read from the source give {expected}")
+    return expected, f"size, ETag and CRC32C {expected}"
 
 
 def _older_than_upload(modified: dt.datetime, started: dt.datetime | None) -> bool:
@@ -158,6 +197,42 @@ def expected_etag(parts: Sequence[Part]) -> str | None:
         if len(digests[-1]) != 16:
             return None
     return f'"{hashlib.md5(b"".join(digests)).hexdigest()}-{len(parts)}"'  # noqa: S324 - S3's format
+
+
+def expected_checksum(parts: Sequence[Part], multipart: bool) -> str | None:
+    """The object's CRC32C as S3 reports it, from the parts' CRC32Cs (computed from the bytes read).
+
+    One part (PutObject): its own CRC32C. A multipart upload: S3's COMPOSITE checksum. None if
+    a part has no checksum recorded.
+    """
+    checksums = [part.checksum for part in parts]
+    if not checksums or not all(checksums):
+        return None
+    if not multipart:
+        return checksums[0]
+    return composite_crc32c(checksums)  # type: ignore[arg-type]
+
+
+def composite_crc32c(checksums: Sequence[str]) -> str | None:
+    """S3's COMPOSITE CRC32C of a multipart object: base64 of the CRC32C of the parts' raw 4-byte
+    CRC32Cs, concatenated in part order, then '-N'. None if a part's checksum is not a CRC32C."""
+    raw = []
+    for checksum in checksums:
+        try:
+            raw.append(base64.b64decode(checksum, validate=True))
+        except binascii.Error:
+            return None
+        if len(raw[-1]) != 4:
+            return None
+    value = crc32c.crc32c(b"".join(raw))
+    return f"{base64.b64encode(value.to_bytes(4, 'big')).decode('ascii')}-{len(checksums)}"
+
+
+def same_checksum(reported: str, expected: str) -> bool:
+    """Whether S3's report is the expected checksum. A composite one is reported with its '-N'
+    (S3's HeadObject and GetObject) or without it (GetObjectAttributes; moto's HeadObject)."""
+    value, _, count = expected.partition("-")
+    return reported == expected or (bool(count) and reported == value)
 
 
 def _s3_failed(rt: Runtime, upload: Upload, error: Exception, attempt: int) -> None:

@@ -131,20 +131,23 @@ def path_from_uri(uri: str) -> str:
     return url2pathname(unquote(parsed.path))
 
 
-def check_unchanged(path: str, size: int, mtime_ns: int, inode: int) -> None:
-    """Raise SourceChanged unless the file still has the fingerprint taken at submit."""
+def check_unchanged(path: str, size: int, mtime_ns: int, inode: int, ctime_ns: int | None = None) -> None:
+    """Raise SourceChanged unless the file still has the fingerprint taken at submit.
+
+    The ctime catches a rewrite whose size stayed and whose mtime was put back (`touch -r`):
+    only the kernel sets it. `ctime_ns` None (an upload recorded before it was taken): not checked.
+    """
     try:
         info = os.stat(path)
     except FileNotFoundError:
         raise SourceUnavailable(f"source {path} no longer exists") from None
     except OSError as error:
         raise SourceUnavailable(f"source {path} cannot be read: {error.strerror}") from None
-    changes = [
-        f"{name} {before} -> {after}"
-        for name, before, after in (("size", size, info.st_size), ("mtime_ns", mtime_ns, info.st_mtime_ns),
-                                    ("inode", inode, info.st_ino))
-        if before != after
-    ]
+    fingerprint = [("size", size, info.st_size), ("mtime_ns", mtime_ns, info.st_mtime_ns),
+                   ("inode", inode, info.st_ino)]
+    if ctime_ns is not None:
+        fingerprint.append(("ctime_ns", ctime_ns, info.st_ctime_ns))
+    changes = [f"{name} {before} -> {after}" for name, before, after in fingerprint if before != after]
     if changes:
         raise SourceChanged(f"source {path} changed since submit ({', '.join(changes)})")
 
