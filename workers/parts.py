@@ -187,7 +187,7 @@ def transfer(rt: Runtime, upload: Upload, part: Part) -> tuple[str, str]:
     policy.check_destination(rt.settings, upload.endpoint_url, upload.bucket)
     if upload.source_size == 0 and reader.has_content(path):  # a pseudo-file: its size says nothing
         raise reader.SourceChanged("the source reports a size of 0 but has content: refused")
-    fingerprint = (upload.source_size, upload.source_mtime_ns, upload.source_inode)
+    fingerprint = (upload.source_size, upload.source_mtime_ns, upload.source_inode, upload.source_ctime_ns)
     reader.check_unchanged(path, *fingerprint)
     with reader.RangeReader(path, part.offset, part.size) as body:
         checksum = reader.crc32c_of(body)
