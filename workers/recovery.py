@@ -34,10 +34,12 @@ def verify(settings: Settings, upload: Upload, part: Part, listed: Mapping[str, 
                     extra=context)
         return None
     path = policy.source_path(settings, upload.source_uri)
-    reader.check_unchanged(path, upload.source_size, upload.source_mtime_ns, upload.source_inode)
+    reader.check_unchanged(path, upload.source_size, upload.source_mtime_ns, upload.source_inode,
+                         upload.source_ctime_ns)
     with reader.RangeReader(path, part.offset, part.size) as body:
         md5, checksum = reader.digests_of(body)
-    reader.check_unchanged(path, upload.source_size, upload.source_mtime_ns, upload.source_inode)
+    reader.check_unchanged(path, upload.source_size, upload.source_mtime_ns, upload.source_inode,
+                         upload.source_ctime_ns)
     if str(listed.get("ETag", "")).strip('"') != md5:
         log.warning("listed part's ETag differs from our MD5: not accepted", extra=context)
         return None

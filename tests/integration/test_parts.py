@@ -50,8 +50,9 @@ def snapshot(db: Database, upload_id: uuid.UUID):  # type: ignore[no-untyped-def
 
 
 @contextlib.contextmanager
-def cut_connections(rt: Runtime, upload_id: uuid.UUID, s3_endpoint: str) -> Iterator[None]:
-    """Bind the upload to a proxy that resets every request mid-way (a counted, transient error)."""
+def cut_connections(rt: Runtime, upload_id: uuid.UUID, s3_endpoint: str) -> Iterator[Runtime]:
+    """Bind the upload to a proxy that resets every request mid-way (a counted, transient error);
+    yields a worker whose configuration allows that endpoint (S3FERRY_ENDPOINTS)."""
     from urllib.parse import urlparse
 
     from tests.faults import FlakyProxy
@@ -62,7 +63,7 @@ def cut_connections(rt: Runtime, upload_id: uuid.UUID, s3_endpoint: str) -> Iter
     try:
         with rt.db.transaction() as session:
             session.execute(sa.update(Upload).where(Upload.id == upload_id).values(endpoint_url=proxy.url))
-        yield
+        yield Runtime(settings=dataclasses.replace(rt.settings, endpoints=proxy.url), db=rt.db)
     finally:
         proxy.close()
 
@@ -182,6 +183,7 @@ def test_an_unreachable_endpoint_does_not_use_up_retries(rt: Runtime, bucket: st
     """Connection refused is an outage, not a failed attempt: the part waits, uncounted, for S3."""
     up = prepare(rt, tmp_path / "h.bin", bucket, 6 * MiB, max_retries=1)
     dead = f"http://127.0.0.1:{services.free_port()}"
+    rt = Runtime(settings=dataclasses.replace(rt.settings, endpoints=dead), db=rt.db)  # a worker told to use it
     with rt.db.transaction() as session:
         session.execute(sa.update(Upload).where(Upload.id == up.upload_id).values(endpoint_url=dead))
 
@@ -199,16 +201,16 @@ def test_transient_errors_are_counted_then_fail_the_upload(rt: Runtime, s3_endpo
                                                            tmp_path: Path) -> None:
     """Connections reset mid-request: each is a counted retry; past max_retries the upload fails."""
     up = prepare(rt, tmp_path / "h2.bin", bucket, 6 * MiB, max_retries=2)
-    with cut_connections(rt, up.upload_id, s3_endpoint):
+    with cut_connections(rt, up.upload_id, s3_endpoint) as flaky:
         for attempt in (1, 2):
             with pytest.raises(parts.RetryLater) as later:
-                parts.send_part(rt, up.upload_id, 1)
+                parts.send_part(flaky, up.upload_id, 1)
             assert 0 < later.value.seconds <= rt.settings.retry_backoff_max
             upload, rows, _ = snapshot(rt.db, up.upload_id)
             assert (rows[0].status, rows[0].attempts, upload.retry_count) == (PartStatus.PENDING, attempt, attempt)
             assert upload.last_retry_at is not None and upload.last_error
         with pytest.raises(parts.PartFailed, match="gave up after 3 attempts"):
-            parts.send_part(rt, up.upload_id, 1)
+            parts.send_part(flaky, up.upload_id, 1)
     upload, rows, _ = snapshot(rt.db, up.upload_id)
     assert (upload.status, rows[0].status) == (UploadStatus.FAILED, PartStatus.FAILED)
 
@@ -261,11 +263,10 @@ def test_the_lease_is_renewed_while_sending_and_loss_is_noticed(rt: Runtime, buc
 
 def test_an_upload_gives_up_after_its_total_retry_budget(rt: Runtime, s3_endpoint: str, bucket: str,  # type: ignore[no-untyped-def]
                                                           tmp_path: Path) -> None:
-    import dataclasses
 
-    stingy = Runtime(settings=dataclasses.replace(rt.settings, max_upload_retries=2), db=rt.db)
     up = prepare(rt, tmp_path / "budget.bin", bucket, 16 * MiB, max_retries=50)
-    with cut_connections(rt, up.upload_id, s3_endpoint):
+    with cut_connections(rt, up.upload_id, s3_endpoint) as flaky:
+        stingy = Runtime(settings=dataclasses.replace(flaky.settings, max_upload_retries=2), db=rt.db)
         for number in (1, 2):  # two parts, one retry each: the upload's budget of 2 is spent
             with pytest.raises(parts.RetryLater):
                 parts.send_part(stingy, up.upload_id, number)

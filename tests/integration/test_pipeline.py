@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import pytest
@@ -11,8 +12,10 @@ from celery import signals
 from models.settings import Settings
 from models.states import UploadStatus
 from orchestrator import cli, scheduler, submit
+from tests import services
 from tests.conftest import write_random
 from tests.integration.helpers import FINISHED, MiB, wait_status
+from tests.integration.helpers import submit as submit_cli
 
 pytestmark = pytest.mark.integration
 
@@ -54,7 +57,7 @@ def test_a_permanent_part_error_fails_the_upload_and_messages_carry_ids_only(  #
 
 
 def test_transient_errors_are_retried_by_the_worker_and_counted(  # type: ignore[no-untyped-def]
-        worker, service_env, s3, s3_endpoint, bucket, db, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        workdir, service_env, s3, s3_endpoint, bucket, db, tmp_path: Path) -> None:
     """Connections reset on the way to S3: parts retry with backoff (Celery retry), the upload completes.
 
     A reset during the send is a counted retry; one while connecting looks like an
@@ -67,25 +70,28 @@ def test_transient_errors_are_retried_by_the_worker_and_counted(  # type: ignore
 
     upstream = urlparse(s3_endpoint)
     proxy = FlakyProxy(upstream.hostname, upstream.port)
+    # the worker and the upload command both use the proxy's endpoint, on a queue of their own
+    env = {**service_env, "AWS_ENDPOINT_URL": proxy.url, "S3FERRY_QUEUE": f"flaky-{uuid.uuid4().hex[:8]}"}
+    own = None
     try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the upload is bound to the proxy's endpoint
-        settings = Settings.from_env()
         path = tmp_path / "flaky.bin"
         sha256 = write_random(path, 16 * MiB)
-        request = submit.validate(settings, str(path), f"s3://{bucket}/flaky.bin", 5 * MiB)
-        prepared = submit.prepare(settings, db, request)
+        upload_id = submit_cli(env, path, bucket)  # its parts wait in the queue for the worker
         proxy.reset_next(3)
-        scheduler.dispatch(prepared.upload_id, [p.number for p in prepared.plan.parts])
+        own = services.start_worker(workdir, env, f"flaky-{uuid.uuid4().hex[:4]}", concurrency=2)
 
-        assert wait_status(db, prepared.upload_id, FINISHED) == UploadStatus.COMPLETE
+        assert wait_status(db, upload_id, FINISHED) == UploadStatus.COMPLETE
     finally:
+        if own is not None:
+            own.stop()
         proxy.close()
+        services.purge_queue(env["S3FERRY_BROKER_URL"], env["S3FERRY_QUEUE"])
     assert proxy.resets_done == 3
     assert sha256_of_object(s3, bucket, "flaky.bin") == sha256
     with db.transaction() as session:
-        upload = queries.get_upload(session, prepared.upload_id)
-        rows = queries.parts(session, prepared.upload_id)
-        events = queries.events(session, prepared.upload_id)
+        upload = queries.get_upload(session, upload_id)
+        rows = queries.parts(session, upload_id)
+        events = queries.events(session, upload_id)
     counted = [e for e in events if (e.reason or "").startswith("retry:")]
     waited = [e for e in events if (e.reason or "").startswith("released:")]  # reset while connecting: an outage
     assert len(counted) + len(waited) == 3  # every reset led to one retry

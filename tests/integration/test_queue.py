@@ -7,7 +7,6 @@ in it), their own queue and worker, and one slot (S3FERRY_MAX_ACTIVE_UPLOADS=1).
 from __future__ import annotations
 
 import json
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -154,23 +153,23 @@ def test_cancel_in_the_middle_leaves_nothing_billed(queue_env, qdb, s3, bucket, 
 
 
 def test_a_failing_upload_moves_the_queue_on_and_can_be_retried(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    doomed, after = tmp_path / "doomed.bin", tmp_path / "after.bin"
+    (tmp_path / "mount").mkdir()
+    doomed, after = tmp_path / "mount" / "doomed.bin", tmp_path / "after.bin"
     sha256 = write_random(doomed, 40 * MiB)
     write_random(after, 6 * MiB)
-    stat = doomed.stat()
     doomed_id = submit(queue_env, doomed, bucket)
     after_id = submit(queue_env, after, bucket)
     assert status(qdb, after_id) == "queued"
     wait_until(lambda: _counts(qdb, doomed_id).done >= 1)
-    os.utime(doomed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))  # the source "changes"
+    (tmp_path / "mount").rename(tmp_path / "unmounted")  # its folder goes away (the file itself is untouched)
 
     assert wait_status(qdb, doomed_id, FINISHED) == UploadStatus.FAILED
     assert wait_status(qdb, after_id, FINISHED) == UploadStatus.COMPLETE  # the queue moved on
     shown = json.loads(run_cli(["status", str(doomed_id), "--json"], queue_env).stdout)
-    assert "changed since submit (mtime_ns" in shown["last_error"]
+    assert "no longer exists" in shown["last_error"]
     done_before = _counts(qdb, doomed_id).done
 
-    os.utime(doomed, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # back as it was submitted
+    (tmp_path / "unmounted").rename(tmp_path / "mount")  # back: the same file, fingerprint and all
     retried = run_cli(["retry", str(doomed_id)], queue_env)
 
     assert retried.returncode == 0, retried.stderr
