@@ -29,7 +29,7 @@ from models.exceptions import InvalidTransition, S3FerryError
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload
 from orchestrator import scheduler
-from workers import retry, s3
+from workers import policy, retry, s3
 from workers.parts import RetryLater
 from workers.runtime import Runtime
 
@@ -117,6 +117,10 @@ def _check_collected(parts: Sequence[Part], collected: Iterable[Mapping[str, obj
 def _complete_in_s3(rt: Runtime, upload: Upload, parts: Sequence[Part],
                     attempt: int) -> tuple[str, str | None, str]:
     """Complete in S3 and check the object; returns (ETag, checksum, what was verified)."""
+    try:
+        policy.check_destination(rt.settings, upload.endpoint_url, upload.bucket)
+    except policy.Refused as refused:  # a row pointed elsewhere after its parts were sent
+        _fail(rt, upload.id, str(refused))
     client = rt.s3(upload.endpoint_url)
     expected = expected_etag(parts) if upload.s3_upload_id else parts[0].etag
     maybe_done_before = False

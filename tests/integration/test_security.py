@@ -82,8 +82,9 @@ def _forge(settings: Settings, db: Database, tmp_path: Path, real_bucket: str, *
     path = tmp_path / f"harmless-{uuid.uuid4().hex[:6]}.bin"
     write_random(path, 6 * MiB)
     up = submit.prepare(settings, db, submit.validate(settings, str(path), f"s3://{real_bucket}/{path.name}", 5 * MiB))
-    with db.transaction() as session:
-        session.execute(sa.update(Upload).where(Upload.id == up.upload_id).values(**row))
+    if row:
+        with db.transaction() as session:
+            session.execute(sa.update(Upload).where(Upload.id == up.upload_id).values(**row))
     return up.upload_id
 
 
@@ -230,3 +231,23 @@ def test_a_late_send_of_a_one_part_upload_cannot_overwrite_the_object(  # type: 
     with pytest.raises(s3_errors.S3Error):  # S3 answers NoSuchUpload; moto, a 500
         parts.transfer(late, upload, part)
     assert s3.get_object(Bucket=bucket, Key=upload.key)["Body"].read() == b"newer"
+
+
+@pytest.mark.usefixtures("worker")
+def test_a_completion_sent_elsewhere_is_refused(settings: Settings, db: Database, s3, bucket: str,  # type: ignore[no-untyped-def]
+                                                tmp_path: Path) -> None:
+    """Every part landed; then the row is pointed at a foreign endpoint before the completion:
+    CompleteMultipartUpload (a signed request naming our access key) is not sent there."""
+    from workers import broker
+
+    with Listener() as listener:
+        forged = _forge(settings, db, tmp_path, bucket)
+        with db.transaction() as session:  # its parts "landed"; then the row is pointed elsewhere
+            for part in queries.parts(session, forged):
+                part.status, part.etag, part.checksum = PartStatus.DONE, '"x"', "AAAAAA=="
+            session.execute(sa.update(Upload).where(Upload.id == forged).values(endpoint_url=listener.url))
+        broker.send("s3ferry.complete_upload", [], str(forged))
+        assert wait_status(db, forged, FINISHED, timeout=60) == UploadStatus.FAILED
+    with db.transaction() as session:
+        assert "refused: the upload's S3 endpoint" in str(queries.get_upload(session, forged).last_error)
+    assert listener.requests == []
