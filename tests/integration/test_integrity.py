@@ -193,21 +193,22 @@ def test_an_upload_records_and_verifies_the_composite_checksum(  # type: ignore[
     assert sha256_of_object(s3, bucket, "whole.bin") == sha256(path)
 
 
-def test_a_single_part_upload_records_its_plain_crc32c(  # type: ignore[no-untyped-def]
+def test_a_single_part_upload_is_a_multipart_upload_of_one_part_with_its_composite(  # type: ignore[no-untyped-def]
         worker, service_env: dict[str, str], db: Database, s3, bucket: str, tmp_path: Path) -> None:
+    """One part goes through a multipart upload too (a late send cannot overwrite the object):
+    its checksum is the composite of one part, verified like any other."""
     path = tmp_path / "small.bin"
     write_random(path, 1 * MiB)
     upload_id = helpers.submit(service_env, path, bucket)
     assert wait_status(db, upload_id, FINISHED) == UploadStatus.COMPLETE
 
-    upload, _, reasons = snapshot(db, upload_id)
-    assert upload.s3_upload_id is None and upload.checksum == crc32c_b64(path.read_bytes())
-    reported = s3.head_object(Bucket=bucket, Key="small.bin", ChecksumMode="ENABLED").get("ChecksumCRC32C")
-    if reported:  # S3 keeps a PutObject's CRC32C
-        assert reported == upload.checksum
-        assert reasons[-1] == f"object verified with HeadObject: size, ETag and CRC32C {upload.checksum}"
-    else:  # moto keeps none unless the SDK computed it: the old checks, and a note that says so
-        assert reasons[-1] == "object verified with HeadObject: size and ETag (the store reported no object checksum)"
+    upload, rows, reasons = snapshot(db, upload_id)
+    expected = composite_of_file(path, 5 * MiB)
+    assert upload.s3_upload_id and len(rows) == 1 and expected.endswith("-1") and upload.checksum == expected
+    assert rows[0].checksum == crc32c_b64(path.read_bytes())
+    reported = s3.head_object(Bucket=bucket, Key="small.bin", ChecksumMode="ENABLED")["ChecksumCRC32C"]
+    assert completion.same_checksum(reported, expected)
+    assert reasons[-1] == f"object verified with HeadObject: size, ETag and CRC32C {expected}"
     assert sha256_of_object(s3, bucket, "small.bin") == sha256(path)
 
 
