@@ -66,7 +66,7 @@ def assert_one_line_error(run, exit_code: int, *fragments: str) -> None:  # type
     ("small.bin", "s3://{bucket}/" + "é" * 513, [], "key is 1026 bytes long"),
     ("small.bin", "s3://{bucket}/k", ["--part-size", "4MiB"], "under S3's minimum of 5 MiB"),
     ("small.bin", "s3://{bucket}/k", ["--part-size", "6GiB"], "over S3's maximum of 5 GiB"),
-    ("small.bin", "s3://no-such-bucket-here/k", [], "bucket 'no-such-bucket-here' does not exist"),
+    ("small.bin", "s3://test-no-such-bucket-here/k", [], "bucket 'test-no-such-bucket-here' does not exist"),
 ], ids=["missing", "directory", "no-scheme", "wrong-scheme", "no-bucket", "bad-bucket", "short-bucket",
         "ip-bucket", "long-key", "long-utf8-key", "part-too-small", "part-too-big", "no-such-bucket"])
 def test_bad_upload_input(service_env, bucket: str, small_file: Path, unchanged: None,  # type: ignore[no-untyped-def]
@@ -92,7 +92,7 @@ def test_an_unreadable_file(service_env, bucket: str, unchanged: None) -> None: 
         secret.write_bytes(b"x" * 100)
         secret.chmod(0o000)
         if os.geteuid() == 0:
-            message = _as_nobody(lambda: submit.validate(Settings(), str(secret), f"s3://{bucket}/secret.bin"))
+            message = _as_nobody(lambda: submit.validate(Settings.from_env(), str(secret), f"s3://{bucket}/secret.bin"))
             assert message == f"source {str(secret)!r} cannot be read: Permission denied"
         else:
             run = run_cli(["upload", str(secret), f"s3://{bucket}/secret.bin"], service_env)
