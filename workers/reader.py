@@ -1,21 +1,30 @@
 """Source readers: a bounded, seekable view of one byte range of a file, and its checksum.
 
-A worker never holds a whole part: botocore reads the body in small blocks as
-it sends, and seeks back to its start if it has to resend.
+A worker never holds a whole part: the sender (workers/sender.py) hands the range to the
+kernel with os.sendfile (`RangeReader.sendfile`) or reads it into one reused buffer
+(`readinto`); botocore, where it sends, reads it in small blocks. Each seeks back to its
+start to send again.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import io
 import os
+import select
+import socket
 from urllib.parse import unquote, urlparse
 from urllib.request import url2pathname
 
 import crc32c
 
 BLOCK = 1024 * 1024
+
+#: os.sendfile errors that are the socket's (the link), not the source's.
+SOCKET_ERRNOS = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN, errno.ESHUTDOWN,
+                           errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ENETDOWN})
 
 
 class RangeReader(io.RawIOBase):
@@ -82,6 +91,32 @@ class RangeReader(io.RawIOBase):
             raise self.error
         self._pos += len(data)
         return data
+
+    def sendfile(self, sock: socket.socket) -> int:
+        """Send the rest of the range to a connected socket with os.sendfile, from the page cache
+        to the socket without passing through Python; returns how many bytes were sent. Waits on
+        the socket within its timeout (TimeoutError). The socket's errors are raised as they are;
+        the source's (it ended early, or failed to read) are kept in `error` too, as `read` does."""
+        source, target, timeout = self._file.fileno(), sock.fileno(), sock.gettimeout()
+        poller = select.poll()
+        poller.register(target, select.POLLOUT)
+        start = self._pos
+        while (left := self._size - self._pos) > 0:
+            try:
+                sent = os.sendfile(target, source, self._offset + self._pos, left)
+            except BlockingIOError:  # the socket's buffer is full: wait for room
+                if not poller.poll(None if timeout is None else timeout * 1000):
+                    raise TimeoutError("timed out sending the body") from None
+                continue
+            except OSError as error:
+                if error.errno not in SOCKET_ERRNOS:
+                    self.error = error
+                raise
+            if sent == 0:  # the file ends before the range does
+                self.error = OSError(f"source ended early: expected {self._size} bytes from offset {self._offset}")
+                raise self.error
+            self._pos += sent
+        return self._pos - start
 
     def close(self) -> None:
         if not self.closed:

@@ -364,26 +364,40 @@ class Expired(s3.TransientS3Error):
 
 def put(presigned: Presigned, body: object) -> dict[str, str]:
     """PUT the body to the URL; returns {'ETag': ..., 'ChecksumCRC32C': ...}. Raises an S3Error
-    (Expired for 403 AccessDenied / expired) whose message never holds the URL."""
-    try:
-        response = _http().request("PUT", presigned.url, body=body, headers=presigned.headers,
-                                   preload_content=True, chunked=False)
-    except urllib3.exceptions.NewConnectionError as error:
-        raise s3.UnreachableS3Error(scrub(f"could not connect: {error}"), congestion=True) from None
-    except urllib3.exceptions.ConnectTimeoutError as error:
-        raise s3.UnreachableS3Error(scrub(f"connect timeout: {error}"), congestion=True) from None
-    except (urllib3.exceptions.HTTPError, OSError) as error:
-        raise s3.TransientS3Error(scrub(f"{type(error).__name__}: {error}"), congestion=True) from None
-    if response.status == 200:
-        etag = response.headers.get("ETag")
+    (Expired for 403 AccessDenied / expired) whose message never holds the URL.
+
+    A part's reader goes out through workers/sender.py (os.sendfile over http, one reused
+    buffer over https, kept-alive connections); any other body through urllib3."""
+    from workers import sender  # (here: this function is the module's only user)
+
+    if sender.takes(body):
+        try:
+            answer = sender.put_url(presigned.url, presigned.headers, body)  # type: ignore[arg-type]
+        except botocore.exceptions.BotoCoreError as error:  # the transport's, as botocore names them
+            failed = s3.classify(error)
+            raise type(failed)(scrub(str(failed)), congestion=failed.congestion) from None
+        status, headers, data = answer.status, answer.headers, answer.data
+    else:
+        try:
+            response = _http().request("PUT", presigned.url, body=body, headers=presigned.headers,
+                                       preload_content=True, chunked=False)
+        except urllib3.exceptions.NewConnectionError as error:
+            raise s3.UnreachableS3Error(scrub(f"could not connect: {error}"), congestion=True) from None
+        except urllib3.exceptions.ConnectTimeoutError as error:
+            raise s3.UnreachableS3Error(scrub(f"connect timeout: {error}"), congestion=True) from None
+        except (urllib3.exceptions.HTTPError, OSError) as error:
+            raise s3.TransientS3Error(scrub(f"{type(error).__name__}: {error}"), congestion=True) from None
+        status, headers, data = response.status, response.headers, response.data
+    if status == 200:
+        etag = headers.get("ETag")
         if not etag:
             raise s3.TransientS3Error("S3 answered 200 without an ETag")
-        return {"ETag": etag, "ChecksumCRC32C": response.headers.get("x-amz-checksum-crc32c", "")}
-    code, message = _error_of(response.data)
-    text = scrub(f"{code or response.status}: {message}".strip().rstrip(":"))
-    if response.status == 403 and (code in ("AccessDenied", "") or "expired" in message.lower()):
+        return {"ETag": etag, "ChecksumCRC32C": headers.get("x-amz-checksum-crc32c", "")}
+    code, message = _error_of(data)
+    text = scrub(f"{code or status}: {message}".strip().rstrip(":"))
+    if status == 403 and (code in ("AccessDenied", "") or "expired" in message.lower()):
         raise Expired(text)
-    raise s3.classify_answer(code, response.status, text)
+    raise s3.classify_answer(code, status, text)
 
 
 def _error_of(body: bytes) -> tuple[str, str]:
