@@ -5,7 +5,8 @@ Where the servers come from (first that applies):
 - the local servers on 127.0.0.1:5432 and :6379, if something listens there;
 - otherwise servers the tests start themselves (initdb + postgres, redis-server).
 Each run gets its own database (created, migrated, dropped), its own Redis db
-numbers (S3FERRY_TEST_REDIS_DBS, default "14,15"; flushed before and after)
+numbers (S3FERRY_TEST_REDIS_DBS, default "14,15", two lower for each further
+pytest-xdist process; this run's queues removed after)
 and its own buckets on a moto server it starts on a free port.
 """
 
@@ -92,8 +93,10 @@ def queue() -> str:
 @pytest.fixture(scope="session")
 def redis_urls(redis_url: str, queue: str) -> Iterator[tuple[str, str]]:
     """Broker and result backend URLs on the test Redis db numbers; this run's keys removed after."""
-    broker_db, backend_db = os.environ.get("S3FERRY_TEST_REDIS_DBS", "14,15").split(",")
-    urls = (f"{redis_url}/{broker_db}", f"{redis_url}/{backend_db}")
+    broker_db, backend_db = (int(n) for n in os.environ.get("S3FERRY_TEST_REDIS_DBS", "14,15").split(","))
+    # pytest-xdist: each process (gw0, gw1, ...) takes the two db numbers below the previous one's
+    shift = 2 * int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    urls = (f"{redis_url}/{broker_db - shift}", f"{redis_url}/{backend_db - shift}")
     yield urls
     services.purge_queue(urls[0], queue)
 
