@@ -20,7 +20,7 @@ from models import transitions
 from models.exceptions import InvalidTransition, S3FerryError
 from models.tables import Part, Upload
 from orchestrator import scheduler
-from workers import policy, reader, retry, s3, signer
+from workers import policy, reader, retry, s3, sender, signer
 from workers.lease import LeaseKeeper
 from workers.runtime import Runtime
 from workers.window import Signal, Slot, Window
@@ -206,6 +206,7 @@ def transfer(rt: Runtime, upload: Upload, part: Part) -> tuple[str, str]:
 def _put_with_credentials(rt: Runtime, upload: Upload, part: Part, body: reader.RangeReader,
                           checksum: str) -> dict[str, str]:
     client = rt.s3(upload.endpoint_url)
+    sender.attach(client)  # botocore builds, signs and parses; the bytes go out with workers/sender.py
     args = {"Bucket": upload.bucket, "Key": upload.key, "Body": body, "ContentLength": part.size,
             "ChecksumCRC32C": checksum}
     try:
