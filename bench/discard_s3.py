@@ -2,12 +2,18 @@
 (and CRC32C), for benchmarks where the server must not be the bottleneck or fill up: the
 10,000-part scale run and the orchestration overhead run.
 
-It speaks just enough S3 for s3ferry, boto3, the AWS CLI and rclone: HeadBucket,
-CreateMultipartUpload, UploadPart, ListParts, CompleteMultipartUpload (the multipart ETag
-computed from the parts' MD5s), AbortMultipartUpload, ListMultipartUploads, PutObject,
-HeadObject. It counts requests by operation (GET /_stats).
+It speaks just enough S3 for s3ferry, boto3, the AWS CLI, rclone, s5cmd and the AWS CRT
+client: HeadBucket, CreateMultipartUpload, UploadPart, ListParts, CompleteMultipartUpload (the
+multipart ETag computed from the parts' MD5s), AbortMultipartUpload, ListMultipartUploads,
+PutObject, HeadObject. Bodies sent with `Content-Encoding: aws-chunked` (botocore over https,
+the CRT client: checksums in a trailer) or `Transfer-Encoding: chunked` are decoded. It counts
+requests by operation (GET /_stats).
 
-    python bench/discard_s3.py --port 9100
+--no-hash: no MD5 or CRC32C of the bytes (a stand-in for S3 whose own CPU is the socket
+reads): each part's ETag is the MD5 of its upload id and number, and the CRC32C a client sent
+is echoed back. --certfile/--keyfile: https.
+
+    python bench/discard_s3.py --port 9100 [--no-hash] [--certfile cert.pem --keyfile key.pem]
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import base64
 import hashlib
 import json
 import re
+import ssl
 import threading
 import urllib.parse
 import uuid
@@ -43,6 +50,95 @@ class State:
 
 
 STATE = State()
+HASH = True  # --no-hash sets it False
+
+
+class _Sink:
+    """Where a body's bytes go: MD5 and CRC32C (or nothing), counted."""
+
+    def __init__(self, hashing: bool) -> None:
+        self.hashing = hashing
+        self.md5, self.crc, self.size = hashlib.md5(), 0, 0
+        self.buffer = memoryview(bytearray(CHUNK))
+        self.trailers: dict[str, str] = {}
+
+    def copy(self, source, left: int | None) -> None:  # type: ignore[no-untyped-def]
+        """`left` bytes from `source` (None: to its end)."""
+        while left is None or left:
+            got = source.readinto(self.buffer[:CHUNK if left is None else min(CHUNK, left)])
+            if not got:
+                if left is None:
+                    return
+                raise ConnectionError("the body ended early")
+            if self.hashing:
+                chunk = self.buffer[:got]
+                self.md5.update(chunk)
+                self.crc = crc32c.crc32c(chunk, self.crc)
+            self.size += got
+            if left is not None:
+                left -= got
+
+
+class _Dechunked:
+    """A `Transfer-Encoding: chunked` body, read as the bytes it carries (readinto, readline)."""
+
+    def __init__(self, raw) -> None:  # type: ignore[no-untyped-def]
+        self.raw, self.left, self.done = raw, 0, False
+
+    def _next(self) -> bool:
+        """Make sure the current chunk has bytes left; False at the end of the body."""
+        while not self.done and self.left == 0:
+            line = self.raw.readline(4096)
+            self.left = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            if self.left == 0:
+                self.done = True
+                while self.raw.readline(4096).strip():  # trailers, to the empty line
+                    pass
+        return not self.done
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        if not self._next():
+            return 0
+        got = self.raw.readinto(buffer[:min(len(buffer), self.left)])
+        if not got:
+            raise ConnectionError("the body ended early")
+        self.left -= got
+        if self.left == 0:
+            self.raw.readline(8)  # the CRLF after the chunk's data
+        return got
+
+    def readline(self, limit: int) -> bytes:
+        line = b""
+        while len(line) < limit and not line.endswith(b"\n") and self._next():
+            part = self.raw.readline(min(limit - len(line), self.left))
+            if not part:
+                raise ConnectionError("the body ended early")
+            self.left -= len(part)
+            if self.left == 0:
+                self.raw.readline(8)
+            line += part
+        return line
+
+
+def _aws_chunked(stream, sink: _Sink, encoded: int | None) -> None:  # type: ignore[no-untyped-def]
+    """aws-chunked: `SIZE[;chunk-signature=…]` CRLF data CRLF …, `0` CRLF, then trailer lines
+    (x-amz-checksum-…) and an empty line; `encoded`: the body's length if known."""
+    read = 0
+    while True:
+        line = stream.readline(4096)
+        read += len(line)
+        size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+        if size == 0:
+            break
+        sink.copy(stream, size)
+        read += size + len(stream.readline(8))  # the CRLF after the data
+    while encoded is None or read < encoded:  # trailers, to the empty line
+        line = stream.readline(4096)
+        read += len(line)
+        if not line.strip():
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        sink.trailers[name.strip().lower()] = value.strip()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -70,17 +166,20 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _drain(self) -> tuple[str, str, int]:
-        """Read the body: (MD5 hex, CRC32C base64, size)."""
-        size = int(self.headers.get("Content-Length", "0"))
-        md5, crc, left = hashlib.md5(), 0, size
-        while left:
-            chunk = self.rfile.read(min(CHUNK, left))
-            if not chunk:
-                break
-            md5.update(chunk)
-            crc = crc32c.crc32c(chunk, crc)
-            left -= len(chunk)
-        return md5.hexdigest(), base64.b64encode(crc.to_bytes(4, "big")).decode(), size
+        """Read the body: (MD5 hex, CRC32C base64, size of the decoded bytes)."""
+        sink = _Sink(HASH)
+        stream, length = self.rfile, int(self.headers.get("Content-Length", "0"))
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            stream, length = _Dechunked(self.rfile), None  # type: ignore[assignment]
+        if "aws-chunked" in self.headers.get("Content-Encoding", "") or \
+                self.headers.get("x-amz-content-sha256", "").startswith("STREAMING-"):
+            _aws_chunked(stream, sink, length)
+        else:
+            sink.copy(stream, length)
+        if HASH:
+            return sink.md5.hexdigest(), base64.b64encode(sink.crc.to_bytes(4, "big")).decode(), sink.size
+        return "", self.headers.get("x-amz-checksum-crc32c") or sink.trailers.get("x-amz-checksum-crc32c", ""), \
+            sink.size
 
     def do_GET(self) -> None:  # noqa: N802
         bucket, key, query = self._split()
@@ -123,7 +222,9 @@ class Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:  # noqa: N802
         bucket, key, query = self._split()
         md5, crc, size = self._drain()
-        headers = {"ETag": f'"{md5}"', "x-amz-checksum-crc32c": crc}
+        if not md5:  # --no-hash
+            md5 = hashlib.md5(f"{query.get('uploadId', [key])[0]}/{query.get('partNumber', [0])[0]}".encode()).hexdigest()
+        headers = {"ETag": f'"{md5}"', **({"x-amz-checksum-crc32c": crc} if crc else {})}
         if "partNumber" in query:
             STATE.count("UploadPart", size)
             with STATE.lock:
@@ -170,12 +271,21 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main() -> None:
+    global HASH
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--no-hash", action="store_true", help="no MD5 or CRC32C of the bytes")
+    parser.add_argument("--certfile", help="https: the server's certificate chain (PEM)")
+    parser.add_argument("--keyfile", help="https: its private key (PEM)")
     args = parser.parse_args()
+    HASH = not args.no_hash
     server = ThreadingHTTPServer((args.host, args.port), Handler)
     server.daemon_threads = True
+    if args.certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.certfile, args.keyfile)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     server.serve_forever()
 
 

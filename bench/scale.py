@@ -120,11 +120,13 @@ def upload(work: Path, env: dict[str, str], parts: int, concurrency: int, name: 
             "MBps_part_phase": parts * 5 * MiB / part_phase / 1e6}
 
 
-def noop_chord(work: Path, env: dict[str, str], parts: int, concurrency: int) -> dict[str, float]:
-    """A chord of `parts` no-op tasks and a callback, on the same Redis, timed from dispatch to callback."""
+def noop_chord(work: Path, env: dict[str, str], parts: int, concurrency: int,
+               dbs: tuple[int, int] = (11, 12)) -> dict[str, float]:
+    """A chord of `parts` no-op tasks and a callback, on the same Redis (broker and backend in
+    `dbs`, emptied afterwards), timed from dispatch to callback."""
     (work / "noop_app.py").write_text(NOOP_APP)
     redis_base = env["S3FERRY_BROKER_URL"].rsplit("/", 1)[0]
-    noop_env = dict(env, NOOP_BROKER=f"{redis_base}/11", NOOP_BACKEND=f"{redis_base}/12",
+    noop_env = dict(env, NOOP_BROKER=f"{redis_base}/{dbs[0]}", NOOP_BACKEND=f"{redis_base}/{dbs[1]}",
                     PYTHONPATH=str(work))
     client = redis.Redis.from_url(noop_env["NOOP_BACKEND"])
     client.delete("noop-bench-done")
