@@ -105,6 +105,9 @@ REQUEST_LINE = re.compile(r'"(GET|PUT|POST|HEAD|DELETE) ')
 #: Where this benchmark's fleet keeps its queue (db N) and results (db N+1), and its no-op
 #: chord (db 15): apart from the other benchmarks', which purge theirs when they start.
 PEERS_QUEUE, PEERS_REDIS_DB, PEERS_NOOP_DB = "s3ferry-bench-peers", 13, 15
+#: A tool run that takes longer is killed (with what it started) and recorded as failed: an
+#: s3ferry whose parts keep failing waits for them forever (--run-timeout).
+RUN_TIMEOUT = 900.0
 
 BOTO3_SCRIPT = """
 import sys, boto3, boto3.s3.transfer as t
@@ -257,19 +260,37 @@ def reap_orphans(since: float, timeout: float = 5.0) -> list[int]:
 
 def timed(argv: list[str], env: dict[str, str], extra: Iterable[int] = (), cwd: Path | None = None) -> Measured:
     """Run a command to its end: wall time; CPU of it and all it started (RUSAGE_CHILDREN, orphans
-    reaped); peak RSS summed over its processes and of its largest one (TreeRss)."""
+    reaped); peak RSS summed over its processes and of its largest one (TreeRss). After
+    RUN_TIMEOUT seconds it is killed, with what it started, and this raises."""
     errors = tempfile.TemporaryFile()
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     since = time.time() - 0.05
     start = time.perf_counter()
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=errors, cwd=cwd)
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=errors, cwd=cwd,
+                               start_new_session=True)
     sampler = TreeRss(process.pid, extra)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    timer = threading.Timer(RUN_TIMEOUT, expire)
+    timer.start()
     _, status, _ = os.wait4(process.pid, 0)
+    timer.cancel()
     seconds = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
-    left = reap_orphans(since)
+    left = reap_orphans(since, 1.0 if expired.is_set() else 5.0)
+    if expired.is_set():
+        for pid in left:  # what it started in sessions of their own (a worker, a Redis server)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        reap_orphans(since)
     peak, largest = sampler.stop()
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if expired.is_set():
+        raise TimeoutError(f"{Path(argv[0]).name} did not finish in {RUN_TIMEOUT:.0f} s: killed")
     if process.returncode != 0:
         errors.seek(0)
         raise RuntimeError(f"{Path(argv[0]).name} failed ({process.returncode}): "
@@ -649,6 +670,7 @@ def commit_measured(rev: str | None) -> dict[str, object]:
 
 
 def main() -> int:
+    global RUN_TIMEOUT
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="1GiB")
     parser.add_argument("--runs", type=int, default=3)
@@ -659,10 +681,13 @@ def main() -> int:
     parser.add_argument("--memory-sizes", default="32MiB,64MiB,128MiB")
     parser.add_argument("--orchestration-parts", type=int, default=1000)
     parser.add_argument("--skip", default="", help="comma-separated: throughput,memory,orchestration")
+    parser.add_argument("--run-timeout", type=float, default=RUN_TIMEOUT, help="seconds before a tool run is killed "
+                        "and recorded as failed")
     parser.add_argument("--rev", help="measure s3ferry as committed at REV (git archive; e.g. HEAD), not the "
                         "working tree")
     parser.add_argument("--out", default=str(RESULTS / "peers.json"))
     args = parser.parse_args()
+    RUN_TIMEOUT = args.run_timeout
     size, part_size = parse_size(args.size), parse_size(args.part_size)
     ids = [t for t in args.tools.split(",") if t]
     unknown = set(ids) - set(TOOL_IDS)
