@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 from collections.abc import Iterator
 
 import sqlalchemy as sa
@@ -20,12 +21,21 @@ log = logging.getLogger(__name__)
 
 
 class Database:
-    """One engine and session factory per process (create it after a fork, never share it)."""
+    """One engine and session factory per process (create it after a fork, never share it).
 
-    def __init__(self, url: str) -> None:
+    `threads`: how many threads of the process use the database at once (a worker's task
+    threads, plus its heartbeat and recovery pass): the pool keeps that many connections, so
+    that none is opened per transaction (a connect costs tens of milliseconds).
+    """
+
+    def __init__(self, url: str, threads: int | None = None) -> None:
         self.url = sa.make_url(url)
-        self.engine = _make_engine(self.url)
+        self.engine = _make_engine(self.url, threads or DEFAULT_THREADS)
         self.sessions = orm.sessionmaker(self.engine, expire_on_commit=False)
+        # PostgreSQL runs a single statement as a transaction of its own: no BEGIN, no COMMIT.
+        single = self.engine if self.url.get_backend_name() == "sqlite" else \
+            self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        self._single_statements = orm.sessionmaker(single, expire_on_commit=False)
 
     @property
     def where(self) -> str:
@@ -36,6 +46,16 @@ class Database:
     def transaction(self) -> Iterator[orm.Session]:
         """A session in one transaction: committed on success, rolled back on error."""
         with wrap_errors(self.url), self.sessions.begin() as session:
+            yield session
+
+    @contextlib.contextmanager
+    def statement(self) -> Iterator[orm.Session]:
+        """A session for work that is ONE statement on PostgreSQL (the per-part moves of
+        models/transitions.py: claim_part, finish_part, step_aside, renew_lease), run in autocommit: the
+        statement is its own transaction, and costs one round trip instead of three (BEGIN,
+        the statement, COMMIT). Work of several statements gets no atomicity here: use
+        transaction(). On SQLite, where that work is several statements, it is a transaction."""
+        with wrap_errors(self.url), self._single_statements.begin() as session:
             yield session
 
     def check(self) -> None:
@@ -90,10 +110,23 @@ def _reason(error: exc.DBAPIError, url: sa.URL) -> str:
     return reason
 
 
-def _make_engine(url: sa.URL) -> sa.Engine:
+#: Connections kept by a process that does not say how many threads use the database.
+DEFAULT_THREADS = 2
+#: Connections opened beyond those kept, at least (closed again when returned).
+MIN_OVERFLOW = 4
+#: Pooled connections are replaced after this long (a pooler's or firewall's limit on a connection's age).
+RECYCLE_SECONDS = 1800
+
+
+def _make_engine(url: sa.URL, threads: int) -> sa.Engine:
     if url.get_backend_name() != "sqlite":
-        return sa.create_engine(url, pool_pre_ping=True, pool_size=2, max_overflow=4,
-                                connect_args={"connect_timeout": 10})
+        # No pool_pre_ping (a round trip per transaction): a pooled connection is checked as it is
+        # taken, at no round trip (_check_on_checkout). The overflow is for bursts: a worker's
+        # lease keepers renewing while all its task threads hold connections.
+        engine = sa.create_engine(url, pool_size=threads, max_overflow=max(threads, MIN_OVERFLOW),
+                                  pool_recycle=RECYCLE_SECONDS, connect_args={"connect_timeout": 10})
+        sa.event.listen(engine, "checkout", _check_on_checkout(engine))
+        return engine
     engine = sa.create_engine(url, connect_args={"timeout": 30})
 
     @sa.event.listens_for(engine, "connect")
@@ -111,3 +144,36 @@ def _make_engine(url: sa.URL) -> sa.Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _check_on_checkout(engine: sa.Engine):  # type: ignore[no-untyped-def]
+    """A pool checkout hook: a pooled connection the server closed (a restart, an idle timeout,
+    pg_terminate_backend) has something to read, the server's last message or the end of the
+    stream, where a live idle one has nothing. Only then is it pinged, and replaced if the ping
+    fails (DisconnectionError: the pool connects again): what pool_pre_ping does, without its
+    round trip on every checkout. A connection that died mid-transaction fails that transaction
+    (DatabaseUnavailable; the callers retry), as it did with pool_pre_ping."""
+
+    def check(dbapi_connection, _record, _proxy):  # type: ignore[no-untyped-def]
+        if not _has_input(dbapi_connection):
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except Exception as error:  # whatever the driver raises, the connection is gone
+            log.info("a pooled database connection was closed (%s); connecting again", error)
+            raise exc.DisconnectionError(str(error)) from error
+
+    return check
+
+
+def _has_input(dbapi_connection) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the connection's socket has anything to read (or is gone), without waiting."""
+    try:
+        fd = dbapi_connection.fileno()
+    except Exception:  # noqa: BLE001 - closed
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])

@@ -1,18 +1,22 @@
 """The one module that changes a status.
 
 Every change is a guarded statement (`UPDATE ... WHERE status IN (...)
-RETURNING`), taken under a row lock so the event it writes names the exact
-status it left. A move the state machine does not allow raises
-`InvalidTransition` and changes nothing. Callers pass a session inside a
-transaction (`Database.transaction()`); nothing here commits.
+RETURNING`), and the event it writes names the exact status it left: taken
+under row locks, or, for the per-part moves of the hot path (claim, record,
+step aside), in one statement that needs none (see _guarded_move). A move the
+state machine does not allow raises `InvalidTransition` and changes nothing.
+Callers pass a session inside a transaction (`Database.transaction()`, or
+`Database.statement()` for those one statement long); nothing here commits.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy import orm
@@ -20,7 +24,9 @@ from sqlalchemy import orm
 from models import clock, liveness
 from models.exceptions import InvalidTransition, UploadNotFound
 from models.states import PART_MOVES, UPLOAD_MOVES, PartStatus, UploadStatus
-from models.tables import Part, Upload, UploadEvent
+from models.tables import Base, Part, Upload, UploadEvent
+
+_Entity = TypeVar("_Entity", bound=Base)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,38 +177,24 @@ class Claim:
     upload: Upload
 
 
-def would_claim(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
-                judge: bool = False) -> tuple[bool, Upload]:
-    """Whether claim_part would claim the part now (read-only, no locks: a hint that may be stale
-    by the time of the claim), and the upload."""
-    row = session.execute(sa.select(Upload, Part.status, Part.worker, live_claim(judge).label("live"))
-                          .join(Part, Part.upload_id == Upload.id)
-                          .where(Upload.id == upload_id, Part.part_number == number)).first()
-    if row is None:
-        raise InvalidTransition(f"no part {number} of upload {upload_id}")
-    upload, status, holder, live = row
-    held = bool(live) and holder != worker
-    return (status != PartStatus.DONE and upload.status == UploadStatus.IN_PROGRESS and not held), upload
-
-
 def claim_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
                lease_seconds: float, judge: bool = False, holder: str | None = None) -> Claim:
     """Claim a part before reading any byte of it: pending, failed, or in flight with an expired
-    lease (or, with `judge`, a dead holder: see live_claim). `worker` is the claim's token,
-    `holder` the process whose liveness stands for it (default: the token itself)."""
-    upload = _lock_upload(session, upload_id, write=False)
-    part, lapse = _lock_part_and_claim(session, upload_id, number, judge)
+    lease (or, with `judge`, a dead holder: see live_claim), while its upload is in progress.
+    `worker` is the claim's token, `holder` the process whose liveness stands for it (default:
+    the token itself). One statement on PostgreSQL (see _guarded_move), which also returns the
+    upload; it says why when the part is not claimed."""
+    moved = _guarded_move(session, _Kind.CLAIM_JUDGED if judge else _Kind.CLAIM, upload_id, number,
+                          token=worker, holder_of=holder or worker, lease_for=float(lease_seconds))
+    upload = _loaded(session, Upload, moved.upload)
+    if moved.after is not None:
+        return Claim(ClaimOutcome.CLAIMED, _loaded(session, Part, moved.after), upload)
+    part = _loaded(session, Part, moved.before)
     if part.status == PartStatus.DONE:
         return Claim(ClaimOutcome.DONE, part, upload)
     if upload.status != UploadStatus.IN_PROGRESS:
         return Claim(ClaimOutcome.INACTIVE, part, upload)
-    if lapse is None and part.worker != worker:
-        return Claim(ClaimOutcome.HELD, part, upload)
-    reason = "claimed" if part.status != PartStatus.IN_FLIGHT else f"{lapse}; reclaimed"
-    claimed = _move_part(session, part, PartStatus.IN_FLIGHT, f"{reason} by {worker}",
-                         worker=worker, holder=holder or worker, lease_expires_at=clock.now(lease_seconds),
-                         started_at=clock.now(), attempts=Part.attempts + 1)
-    return Claim(ClaimOutcome.CLAIMED, claimed, upload)
+    return Claim(ClaimOutcome.HELD, part, upload)  # a live claim of another's (or it kept changing)
 
 
 def renew_lease(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str,
@@ -225,19 +217,28 @@ def finish_part(session: orm.Session, upload_id: uuid.UUID, number: int, worker:
     Accepted when the caller holds the claim, and also when nobody holds a live
     claim (the caller's lease ran out during a database outage and the part went
     back to pending). Recording the same ETag again is a no-op. Returns None,
-    recording nothing, when another worker holds a live claim on the part.
+    recording nothing, when another worker holds a live claim on the part (or it
+    failed). One statement on PostgreSQL (see _guarded_move).
     """
-    _lock_upload(session, upload_id, write=False)
-    part, lapse = _lock_part_and_claim(session, upload_id, number)
+    moved = _guarded_move(session, _Kind.RECORD, upload_id, number, token=worker, new_etag=etag,
+                          new_checksum=checksum, why=reason[:4000])
+    if moved.after is not None:
+        return _loaded(session, Part, moved.after)
+    part = _loaded(session, Part, moved.before)
     if part.status == PartStatus.DONE:
         if same_etag(part.etag, etag):
             return part
         raise InvalidTransition(f"part {number} of upload {upload_id} is done with ETag {part.etag}, not {etag}")
-    held_by_other = part.status == PartStatus.IN_FLIGHT and part.worker != worker and lapse is None
-    if held_by_other or part.status == PartStatus.FAILED:
-        return None
-    return _move_part(session, part, PartStatus.DONE, reason, etag=etag, checksum=checksum,
-                      worker=None, holder=None, lease_expires_at=None, finished_at=clock.now(), last_error=None)
+    return None
+
+
+def step_aside(session: orm.Session, upload_id: uuid.UUID, number: int, worker: str, reason: str) -> Part | None:
+    """Give back, uncounted, a claim the caller took and did not use (its destination's window
+    had no slot free): the part is pending again with its attempt given back, and the upload is
+    left alone (no error, no retry counted). None if the caller no longer held the part."""
+    moved = _guarded_move(session, _Kind.STEP_ASIDE, upload_id, number, token=worker,
+                          why=f"stepped aside: {reason}"[:4000])
+    return None if moved.after is None else _loaded(session, Part, moved.after)
 
 
 def same_etag(a: str | None, b: str | None) -> bool:
@@ -342,9 +343,12 @@ def mark_aborted(session: orm.Session, upload_id: uuid.UUID, reason: str) -> Non
 
 
 def _lock_upload(session: orm.Session, upload_id: uuid.UUID, write: bool) -> Upload:
-    """Every transition locks the upload row first, then part rows: one lock order, no deadlocks."""
+    """Every transition locks the upload row first, then part rows: one lock order, no deadlocks.
+    A writer takes FOR NO KEY UPDATE (what an UPDATE of the row takes), which excludes other
+    writers and FOR SHARE, but not the FOR KEY SHARE that an event's foreign key takes: claims
+    and records lock a part, then that (see _guarded_move)."""
     upload = session.execute(
-        sa.select(Upload).where(Upload.id == upload_id).with_for_update(read=not write)
+        sa.select(Upload).where(Upload.id == upload_id).with_for_update(read=not write, key_share=write)
         .execution_options(populate_existing=True)
     ).scalar_one_or_none()
     if upload is None:
@@ -395,6 +399,206 @@ def _move_part(session: orm.Session, part: Part, to: PartStatus, reason: str, **
         raise InvalidTransition(f"part {part.part_number} of upload {part.upload_id} changed meanwhile")
     _record(session, part.upload_id, current, to, reason, part=part.part_number)
     return moved
+
+
+# --- the guarded moves of the hot path ---------------------------------------------------
+#
+# A part's claim and its record run once per part, many at a time, so each is ONE statement
+# on PostgreSQL: a snapshot of the part (and of its upload, for a claim) in a CTE; the guarded
+# UPDATE of the part, in a CTE that applies only to the version of the row that snapshot saw;
+# the event, inserted from the update's RETURNING; and the snapshot beside the moved row, so
+# that a part that did not move says why (done, upload not in progress, held) at no second
+# round trip. No lock on the upload's row (many workers claim parts of one upload at once) but
+# the FOR KEY SHARE that the event's foreign key takes, as every event's insert does. Each kind
+# of statement is built once, with bind parameters (_statements): building and compiling them
+# per part costs more CPU than the round trips they save.
+#
+# Why that is as safe as the locks it replaces (SELECT ... FOR SHARE on the upload, FOR UPDATE
+# on the part, under READ COMMITTED):
+#
+# - The guard is evaluated on one snapshot, the statement's: the part's row and the upload's
+#   status as committed when the statement started. The UPDATE then applies only if the part's
+#   row is still that version (`parts.ctid = before.row_version`). If another transaction
+#   changed the row meanwhile (it commits while this UPDATE waits for its row lock), READ
+#   COMMITTED re-checks the WHERE clause against the newest version (EvalPlanQual), where the
+#   ctid differs: nothing moves, and the statement runs again on a fresh snapshot. Without that
+#   check the re-check would see the part's new row beside the upload's OLD status (a plain
+#   `EXISTS (SELECT 1 FROM uploads WHERE status = 'in_progress')` is not re-evaluated on a fresh
+#   snapshot): a part failed together with its upload would be claimed.
+# - A change of the upload's status that commits after the statement's snapshot without
+#   touching this part (pause, cancel, another part failing the upload) orders after the claim,
+#   exactly as when the claim's FOR SHARE made it wait: the part was claimed while the upload
+#   was in progress, and in-flight parts finish (pause) or are refused by S3 (cancel, abort).
+#   A change that touches the part (fail_part, release_lapsed, retry_failed) makes the claim
+#   look again, as above.
+# - Locks: the UPDATE locks the part's row; the event's foreign key then takes FOR KEY SHARE on
+#   the upload's row, at the end of the statement. Transitions that lock the upload first and
+#   then a part (release_for_retry, fail_part, ...) take FOR NO KEY UPDATE (_lock_upload), which
+#   does not conflict with FOR KEY SHARE, so the two lock orders never wait on each other in a
+#   cycle.
+#
+# SQLite runs no data-modifying CTEs: there the same three pieces are three statements in one
+# transaction, which holds the database's write lock from its BEGIN IMMEDIATE (models/db.py), so
+# nothing changes between them.
+
+#: Times a guarded move is tried when the part's row kept changing under it (each time, another
+#: transaction changed that very row and committed): then it gives up as if held.
+_TRIES = 5
+
+_PARTS, _UPLOADS, _EVENTS = Part.__table__, Upload.__table__, UploadEvent.__table__
+
+
+class _Kind(enum.Enum):
+    CLAIM = "claim"
+    CLAIM_JUDGED = "claim, judging holders"
+    RECORD = "record"
+    STEP_ASIDE = "step aside"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Moved:
+    """A guarded move: the part as the statement's snapshot saw it (`before`), after the move
+    (`after`, None if it did not move), and its upload (for a claim)."""
+
+    before: dict[str, object]
+    after: dict[str, object] | None
+    upload: dict[str, object]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Statements:
+    """The statements of one kind of move, built once with bind parameters (so SQLAlchemy builds,
+    keys and compiles each once, not per part): the one statement of PostgreSQL, the three of SQLite."""
+
+    postgresql: sa.Select
+    before: sa.Select
+    update: sa.Update
+    event: sa.Insert
+    with_upload: bool
+
+
+def _param(name: str, type_: sa.types.TypeEngine[Any] | None = None) -> sa.BindParameter[Any]:
+    return sa.bindparam(name, type_=type_ or sa.String())
+
+
+@functools.cache
+def _statements(kind: _Kind) -> _Statements:
+    """The guard, the new values and the event's reason of each kind of move."""
+    token = _param("token")
+    if kind in (_Kind.CLAIM, _Kind.CLAIM_JUDGED):
+        judge = kind is _Kind.CLAIM_JUDGED
+        in_progress = (sa.select(1).where(Upload.id == Part.upload_id, Upload.status == UploadStatus.IN_PROGRESS)
+                       .correlate_except(_UPLOADS).exists())
+        return _build(PartStatus.IN_FLIGHT, sa.and_(in_progress, _not_held(token, judge)),
+                      {"worker": token, "holder": _param("holder_of"), "started_at": clock.now(),
+                       "lease_expires_at": clock.now(_param("lease_for", sa.Float())), "attempts": Part.attempts + 1},
+                      lambda status, lapse: sa.case(
+                          (status == PartStatus.IN_FLIGHT.value,
+                           sa.func.coalesce(lapse, "its own claim") + "; reclaimed by " + token),
+                          else_=sa.literal("claimed by ") + token),
+                      judge=judge, with_upload=True)
+    if kind is _Kind.RECORD:
+        return _build(PartStatus.DONE,
+                      sa.and_(Part.status.in_((PartStatus.PENDING, PartStatus.IN_FLIGHT)), _not_held(token)),
+                      {"etag": _param("new_etag"), "checksum": _param("new_checksum"), "worker": None, "holder": None,
+                       "lease_expires_at": None, "finished_at": clock.now(), "last_error": None},
+                      lambda status, lapse: _param("why"))
+    return _build(PartStatus.PENDING, sa.and_(Part.status == PartStatus.IN_FLIGHT, Part.worker == token),
+                  {"worker": None, "holder": None, "lease_expires_at": None, "attempts": Part.attempts - 1},
+                  lambda status, lapse: _param("why"))
+
+
+def _not_held(token: sa.ColumnElement[str], judge: bool = False) -> sa.ColumnElement[bool]:
+    """SQL: no live claim of another's on the part (see live_claim)."""
+    return sa.not_(sa.and_(live_claim(judge), Part.worker.is_distinct_from(token)))
+
+
+Reason = Callable[[sa.ColumnElement[str], sa.ColumnElement[str | None]], sa.ColumnElement[str]]
+
+
+def _build(to: PartStatus, guard: sa.ColumnElement[bool], values: dict[str, object], reason: Reason,
+           judge: bool = False, with_upload: bool = False) -> _Statements:
+    """A move to `to` where `guard` (and PART_MOVES) allow it, recording the event with the reason
+    `reason(status before, lapse)` builds in SQL; see the comment above."""
+    movable = sa.and_(Part.status.in_(sorted(PART_MOVES[to])), guard)
+    before = (sa.select(*_PARTS.c, _lapse(judge).label("lapse"), movable.label("movable"),
+                        *([c.label(f"u_{c.key}") for c in _UPLOADS.c] if with_upload else []))
+              .select_from(_PARTS.join(_UPLOADS, Upload.id == Part.upload_id) if with_upload else _PARTS)
+              .where(Part.upload_id == _param("the_upload", sa.Uuid()), Part.part_number == _param("the_part",
+                                                                                                   sa.Integer())))
+    # PostgreSQL: the snapshot, the guarded UPDATE of that very row version, the event, in one statement.
+    version = sa.literal_column(f"{_PARTS.name}.ctid")
+    seen = before.add_columns(version.label("row_version")).cte("before")
+    moved = (sa.update(_PARTS)
+             .where(Part.upload_id == seen.c.upload_id, Part.part_number == seen.c.part_number,
+                    version == seen.c.row_version, seen.c.movable)
+             .values(status=to, **values).returning(*_PARTS.c).cte("moved"))
+    columns = ["upload_id", "part_number", "from_status", "to_status", "reason", "at"]
+    event = sa.insert(_EVENTS).from_select(columns, sa.select(
+        moved.c.upload_id, moved.c.part_number, seen.c.status, sa.literal(to.value),
+        reason(seen.c.status, seen.c.lapse), clock.now()).select_from(moved.join(seen, sa.true()))).cte("event")
+    one = (sa.select(seen, *[c.label(f"new_{c.key}") for c in moved.c])
+           .select_from(seen.outerjoin(moved, sa.true())).add_cte(event))
+    # SQLite: the same three pieces, as three statements, under the transaction's write lock.
+    was, lapse = _param("was"), _param("lapse_was")
+    update = (sa.update(_PARTS)
+              .where(Part.upload_id == _param("the_upload", sa.Uuid()), Part.part_number == _param("the_part",
+                                                                                                   sa.Integer()),
+                     movable)
+              .values(status=to, **values).returning(*_PARTS.c))
+    insert = sa.insert(_EVENTS).values(
+        upload_id=_param("the_upload", sa.Uuid()), part_number=_param("the_part", sa.Integer()), from_status=was,
+        to_status=to.value, reason=reason(was, lapse), at=clock.now())
+    return _Statements(one, before, update, insert, with_upload)
+
+
+def _guarded_move(session: orm.Session, kind: _Kind, upload_id: uuid.UUID, number: int,
+                  **params: object) -> _Moved:
+    """Run a guarded move of the part (see the comment above) with its parameters."""
+    statements = _statements(kind)
+    session.flush()  # what the session holds goes first (its events, in their order)
+    connection = session.connection()
+    run = _move_sqlite if connection.dialect.name == "sqlite" else _move_postgresql
+    params.update(the_upload=upload_id, the_part=number)
+    for _ in range(_TRIES):
+        row, after = run(connection, statements, params)
+        if row is None:
+            raise UploadNotFound(f"upload {upload_id} has no part {number}")
+        if after is not None or not row["movable"]:
+            break
+    parts = {c.key: row[c.key] for c in _PARTS.c}
+    upload = {c.key: row[f"u_{c.key}"] for c in _UPLOADS.c} if statements.with_upload else {}
+    return _Moved(parts, None if after is None else {c.key: after[c.key] for c in _PARTS.c}, upload)
+
+
+def _move_postgresql(connection: sa.Connection, statements: _Statements, params: dict[str, object]) -> tuple[Any, Any]:
+    row = connection.execute(statements.postgresql, params).mappings().first()
+    if row is None or row["new_upload_id"] is None:
+        return row, None
+    return row, {c.key: row[f"new_{c.key}"] for c in _PARTS.c}
+
+
+def _move_sqlite(connection: sa.Connection, statements: _Statements, params: dict[str, object]) -> tuple[Any, Any]:
+    row = connection.execute(statements.before, params).mappings().first()
+    if row is None or not row["movable"]:
+        return row, None
+    after = connection.execute(statements.update, params).mappings().first()
+    if after is not None:
+        connection.execute(statements.event, {**params, "was": str(row["status"]), "lapse_was": row["lapse"]})
+    return row, after
+
+
+def _loaded(session: orm.Session, entity: type[_Entity], values: dict[str, object]) -> _Entity:
+    """A row read by a Core statement as an instance of `entity`: the session's own instance of
+    that row, refreshed (what populate_existing does for an ORM query), else a new, detached one."""
+    mapper = sa.inspect(entity)
+    instance = session.identity_map.get(
+        mapper.identity_key_from_primary_key([values[column.key] for column in mapper.primary_key]))
+    if instance is None:
+        return entity(**values)
+    for key, value in values.items():
+        orm.attributes.set_committed_value(instance, key, value)
+    return instance  # type: ignore[return-value]
 
 
 def live_claim(judge: bool = False) -> sa.ColumnElement[bool]:

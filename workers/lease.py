@@ -57,7 +57,7 @@ class LeaseKeeper:
                 continue
             next_claim = now + claim_every
             try:
-                with self.rt.db.transaction() as session:
+                with self.rt.db.statement() as session:  # one statement
                     held = transitions.renew_lease(session, self.upload_id, self.number, self.claim, seconds)
             except DatabaseError as error:
                 log.warning("could not renew the lease (%s); will try again", error,

@@ -17,7 +17,7 @@ import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from models import transitions
-from models.exceptions import InvalidTransition, S3FerryError
+from models.exceptions import DatabaseError, InvalidTransition, S3FerryError
 from models.tables import Part, Upload
 from orchestrator import scheduler
 from workers import policy, reader, retry, s3, sender, signer
@@ -57,10 +57,11 @@ class PartResult:
 def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
     """Upload part `number` of `upload_id` unless it is done, held by another worker, or moot.
 
-    The part first takes a slot in its destination's AIMD window (workers/window.py),
-    waiting for one if the window is full; how it ends moves the window.
-    Database errors propagate (the task retries them without counting: Postgres
-    may be restarting); S3 and source errors are handled here.
+    The part is claimed first (one statement, which also reads its upload); then it takes a
+    slot in its destination's AIMD window (workers/window.py), waiting for one under its claim
+    if the window is full; how it ends moves the window. Database errors propagate (the task
+    retries them without counting: Postgres may be restarting); S3 and source errors are
+    handled here.
     """
     beat = rt.alive()  # every claim names a holder whose liveness the fleet can see
     if not beat.fresh():  # others may already judge this process dead: it claims nothing
@@ -68,29 +69,21 @@ def send_part(rt: Runtime, upload_id: uuid.UUID, number: int) -> PartResult:
                          _wait(rt, 1))
     delivery = _Delivery(f"{rt.worker_id}/{secrets.token_hex(4)}",
                          judge=beat.healthy_for() >= rt.settings.liveness_seconds)
-    with rt.db.transaction() as session:
-        claimable, upload = transitions.would_claim(session, upload_id, number, delivery.token, delivery.judge)
-        endpoint, bucket = upload.endpoint_url, upload.bucket
-    shared = rt.window(endpoint, bucket) if claimable else None
-    if shared is None:  # no shared window; or done, held or moot: no slot needed to find out
-        return _send(rt, upload_id, number, None, delivery)
+    with rt.db.statement() as session:  # one statement on PostgreSQL
+        claim = transitions.claim_part(session, upload_id, number, delivery.token, rt.settings.lease_seconds,
+                                       delivery.judge, holder=rt.worker_id)
+    if claim.outcome is not transitions.ClaimOutcome.CLAIMED:
+        return _not_claimed(rt, claim)
+    outcome = _take_slot(rt, claim, delivery)
     try:
-        # a token of its own per try: two deliveries of one part never share a slot
-        slot = shared.acquire(f"{rt.worker_id}:{upload_id}:{number}:{secrets.token_hex(4)}",
-                              rt.settings.window_wait_seconds)
-    except redis.RedisError as error:
-        raise RetryLater(f"the window's Redis is unavailable ({error})", _wait(rt, 3)) from error
-    if slot is None:  # still full: step aside (requeued; no retry counted) so other work can run
-        raise RetryLater(f"part {number}: no slot free in the window of {shared.name}", 0.5 + random.random())
-    outcome = _Outcome(shared, slot)
-    try:
-        return _send(rt, upload_id, number, outcome, delivery)
+        return _send(rt, claim, outcome, delivery)
     finally:
-        try:
-            shared.release(slot, outcome.signal, outcome.reason)
-        except redis.RedisError as error:  # its lease frees it
-            log.warning("could not release the window slot (%s); its lease frees it", error,
-                        extra={"upload_id": str(upload_id), "part": number})
+        if outcome is not None:
+            try:
+                outcome.window.release(outcome.slot, outcome.signal, outcome.reason)
+            except redis.RedisError as error:  # its lease frees it
+                log.warning("could not release the window slot (%s); its lease frees it", error,
+                            extra={"upload_id": str(upload_id), "part": number})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,24 +107,71 @@ class _Outcome:
     reason: str = "part not sent"
 
 
-def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | None,
-          delivery: _Delivery) -> PartResult:
-    context = {"upload_id": str(upload_id), "part": number}
-    with rt.db.transaction() as session:
-        claim = transitions.claim_part(session, upload_id, number, delivery.token, rt.settings.lease_seconds,
-                                       delivery.judge, holder=rt.worker_id)
+def _not_claimed(rt: Runtime, claim: transitions.Claim) -> PartResult:
     part, upload = claim.part, claim.upload
+    context = {"upload_id": str(upload.id), "part": part.part_number}
     if claim.outcome is transitions.ClaimOutcome.DONE:
         log.info("part already done; not sending it again", extra=context)
-        return PartResult(number, part.etag, part.checksum)
+        return PartResult(part.part_number, part.etag, part.checksum)
     if claim.outcome is transitions.ClaimOutcome.INACTIVE:
         log.info("upload is %s; part not sent", upload.status, extra=context)
-        return PartResult(number, skipped=f"upload is {upload.status}")
-    if claim.outcome is transitions.ClaimOutcome.HELD:
-        # Another delivery of this part (RabbitMQ requeues a dead worker's message at once): look
-        # again once the holder, if it died, is known dead; the recovery pass may be first.
-        raise RetryLater(f"part {number} is held by {part.worker}", rt.settings.liveness_seconds)
+        return PartResult(part.part_number, skipped=f"upload is {upload.status}")
+    # Held: another delivery of this part (RabbitMQ requeues a dead worker's message at once): look
+    # again once the holder, if it died, is known dead; the recovery pass may be first.
+    raise RetryLater(f"part {part.part_number} is held by {part.worker}", rt.settings.liveness_seconds)
 
+
+def _take_slot(rt: Runtime, claim: transitions.Claim, delivery: _Delivery) -> _Outcome | None:
+    """A slot in the window of the claimed part's destination (None: no shared window).
+
+    A full window is waited for (up to window_wait_seconds) with the claim kept alive, as while
+    sending: the wait may outlast the lease. No slot (or no Redis, or the wait interrupted): the
+    claim goes back uncounted and the part steps aside (requeued, no retry counted), so that
+    other work can run.
+    """
+    upload, number = claim.upload, claim.part.part_number
+    shared = rt.window(upload.endpoint_url, upload.bucket)
+    if shared is None:
+        return None
+    # a token of its own per try: two deliveries of one part never share a slot
+    token = f"{rt.worker_id}:{upload.id}:{number}:{secrets.token_hex(4)}"
+    try:
+        slot = shared.try_acquire(token)
+        if slot is None:
+            with LeaseKeeper(rt, upload.id, number, delivery.token) as lease:
+                slot = shared.acquire(token, rt.settings.window_wait_seconds)
+            if lease.lost:  # taken over meanwhile (this process was judged dead): not ours to send
+                if slot is not None:
+                    shared.release(slot, Signal.NONE, "claim lost while waiting")
+                raise RetryLater(f"part {number}: claim lost while waiting for a window slot", 1.0)
+    except redis.RedisError as error:
+        _step_aside(rt, claim, delivery, f"the window's Redis is unavailable ({error})")
+        raise RetryLater(f"the window's Redis is unavailable ({error})", _wait(rt, 3)) from error
+    except RetryLater:
+        raise
+    except BaseException:  # the task's time limit, a shutdown: nothing was sent
+        _step_aside(rt, claim, delivery, "interrupted while waiting for a window slot")
+        raise
+    if slot is None:  # still full: step aside so other work can run
+        _step_aside(rt, claim, delivery, f"no slot free in the window of {shared.name}")
+        raise RetryLater(f"part {number}: no slot free in the window of {shared.name}", 0.5 + random.random())
+    return _Outcome(shared, slot)
+
+
+def _step_aside(rt: Runtime, claim: transitions.Claim, delivery: _Delivery, reason: str) -> None:
+    """Give the claim back uncounted; if the database cannot be reached, its lease runs out."""
+    context = {"upload_id": str(claim.upload.id), "part": claim.part.part_number}
+    try:
+        with rt.db.statement() as session:
+            transitions.step_aside(session, claim.upload.id, claim.part.part_number, delivery.token, reason)
+    except DatabaseError as error:
+        log.warning("could not give the claim back (%s); its lease runs out", error, extra=context)
+
+
+def _send(rt: Runtime, claim: transitions.Claim, outcome: _Outcome | None, delivery: _Delivery) -> PartResult:
+    part, upload = claim.part, claim.upload
+    upload_id, number = upload.id, part.part_number
+    context = {"upload_id": str(upload_id), "part": number}
     renew_slot = (lambda: outcome.window.renew(outcome.slot)) if outcome is not None else None
     started = time.monotonic()
     try:
@@ -166,7 +206,7 @@ def _send(rt: Runtime, upload_id: uuid.UUID, number: int, outcome: _Outcome | No
 
     if lease.lost:
         raise RetryLater(f"part {number}: claim lost while sending; not recorded", 1.0)
-    with rt.db.transaction() as session:
+    with rt.db.statement() as session:  # one statement on PostgreSQL
         recorded = transitions.finish_part(session, upload_id, number, delivery.token, etag, checksum,
                                            f"landed ({rt.worker_id})")
     if recorded is None:

@@ -14,8 +14,9 @@ import secrets
 import socket
 import threading
 
-from redis import Redis
 from botocore.client import BaseClient
+from celery import signals
+from redis import Redis
 
 from models.db import Database
 from models.settings import Settings
@@ -105,6 +106,30 @@ def node_prefix() -> str:
 _current: Runtime | None = None
 _current_lock = threading.Lock()
 
+#: How many tasks one process of this worker node runs at once, noted as the node starts (and
+#: inherited by its forked pool processes); None outside a worker.
+_tasks_at_once: int | None = None
+
+
+@signals.worker_init.connect
+def _note_concurrency(sender: object = None, **_: object) -> None:
+    global _tasks_at_once
+    _tasks_at_once = tasks_at_once(getattr(sender, "pool_cls", None), getattr(sender, "concurrency", None))
+
+
+def tasks_at_once(pool: object, concurrency: object) -> int:
+    """How many tasks one process runs at once: a thread (or greenlet) pool's concurrency
+    (`--concurrency`); one in each process of a prefork pool, and in the solo pool."""
+    name = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    threaded = any(kind in str(name) for kind in ("thread", "gevent", "eventlet"))
+    return concurrency if threaded and isinstance(concurrency, int) and concurrency > 0 else 1
+
+
+def database_threads() -> int | None:
+    """How many threads of this process use the database at once: its tasks, its heartbeat
+    and its recovery pass (None outside a worker: the database's default)."""
+    return None if _tasks_at_once is None else _tasks_at_once + 2
+
 
 def get() -> Runtime:
     global _current
@@ -114,7 +139,7 @@ def get() -> Runtime:
             _current = None
         if _current is None:
             settings = Settings.from_env()
-            _current = Runtime(settings=settings, db=Database(settings.database_url))
+            _current = Runtime(settings=settings, db=Database(settings.database_url, threads=database_threads()))
         return _current
 
 
