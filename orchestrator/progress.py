@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import logging
+import time
 import uuid
 from collections.abc import Callable
+from typing import Any
 
-from models import clock, queries
+from models import clock, notify, queries
 from models.db import Database
 from models.settings import format_size
 from models.states import UploadStatus
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,3 +125,54 @@ def _clock(seconds: float | None) -> str:
     seconds = int(seconds)
     hours, rest = divmod(seconds, 3600)
     return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+#: The worker that finishes an upload pushes to this Redis list (workers/completion.py), so that a
+#: command waiting on it wakes at once whatever the database (SQLite has no NOTIFY).
+FINISHED = "s3ferry:finished:{}"
+FINISHED_TTL = 600
+
+
+def announce_finished(client: Any, upload_id: uuid.UUID) -> None:
+    """Wake a command waiting on the upload (`client`: a redis.Redis)."""
+    key = FINISHED.format(upload_id)
+    with client.pipeline(transaction=False) as pipe:
+        pipe.lpush(key, 1)
+        pipe.expire(key, FINISHED_TTL)
+        pipe.execute()
+
+
+class Waiter:
+    """Waits until an upload may have moved: a PostgreSQL NOTIFY about it (models/notify.py), or
+    the push of the worker that finished it (`redis`, on SQLite), or else the time given."""
+
+    def __init__(self, db: Database, upload_id: uuid.UUID, redis: Any = None) -> None:
+        self.upload_id = upload_id
+        self.listener = notify.listen(db.engine)
+        self.redis = redis if self.listener is None else None
+
+    def wait(self, seconds: float) -> bool:
+        """Up to `seconds`; True if woken by news of the upload."""
+        if self.listener is not None:
+            try:
+                return self.listener.wait(self.upload_id, seconds)
+            except Exception as error:  # noqa: BLE001 - a lost connection: look every `seconds` from now on
+                log.info("stopped listening for progress (%s)", error)
+                self.listener.close()
+                self.listener = None
+        elif self.redis is not None:
+            started = time.monotonic()
+            try:
+                return self.redis.blpop([FINISHED.format(self.upload_id)], timeout=seconds) is not None
+            except Exception as error:  # noqa: BLE001 - the broker went away: the caller tends to it
+                log.info("could not wait on Redis for the upload's end (%s)", error)
+                seconds -= time.monotonic() - started
+        time.sleep(max(0.0, seconds))
+        return False
+
+    def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                self.redis.close()

@@ -7,14 +7,17 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import signal
+import threading
 
 from celery import signals
 
 from models import transitions
 from models.settings import Settings
-from workers import held, logs, runtime, signer, watch, window
+from workers import held, logs, runtime, s3, signer, watch, window
 from workers.broker import app, control_queue
 
 log = logging.getLogger(__name__)
@@ -27,12 +30,69 @@ signer.hide_urls_in_logs()
 def _after_fork(**_: object) -> None:
     # Never share the parent's database pool or S3 connections with a forked child.
     runtime.reset()
+    _warm_up()
+
+
+@signals.worker_init.connect
+def _window_start(sender: object = None, **_: object) -> None:
+    # A destination's new window starts at this node's concurrency, so that an upload's first
+    # parts go together (workers/window.py); S3FERRY_WINDOW_INITIAL, if set, decides instead.
+    concurrency = getattr(sender, "concurrency", 0)
+    window.start_at(concurrency if isinstance(concurrency, int) else 0,
+                    initial_set=bool(os.environ.get("S3FERRY_WINDOW_INITIAL", "").strip()))
 
 
 @signals.worker_ready.connect
 def _reconcile_on_start(sender: object = None, **_: object) -> None:
     # A worker (re)starting is a good moment to look for uploads that stalled while it was down.
     app.send_task("s3ferry.reconcile")
+    _warm_up()
+
+
+@signals.worker_ready.connect
+def _wake_on_signals(sender: object = None, **_: object) -> None:
+    # Celery's shutdown signals only set a flag, which its event loop reads when its poll
+    # returns (up to a second later): a signal also writes to a pipe the loop polls, so a
+    # SIGINT/SIGTERM/SIGQUIT is acted on at once (single-machine commands stop their worker).
+    hub = getattr(sender, "hub", None)
+    if hub is None or threading.current_thread() is not threading.main_thread():
+        return
+    read, write = os.pipe()
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+    if previous != -1:  # someone else's: leave it to them
+        signal.set_wakeup_fd(previous)
+        os.close(read)
+        os.close(write)
+        return
+    hub.add_reader(read, _drain, read)
+
+
+def _drain(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        while os.read(fd, 512):
+            pass
+
+
+def _warm_up() -> None:
+    """Make what a process's first part needs while no part waits for it, on a thread: its
+    heartbeat (a first beat), and its S3 client for the configured endpoint (botocore loads the
+    service model: a few hundred ms). A part that comes first waits for them as it would have."""
+    threading.Thread(target=_make_ready, name="s3ferry-warm-up", daemon=True).start()
+
+
+def _make_ready() -> None:
+    rt = runtime.get()
+    try:
+        rt.alive()
+        if not rt.settings.presigned:  # presigned workers have no credentials, and send no request of their own
+            client = rt.s3(None)  # uploads to AWS itself record no endpoint (None)
+            endpoint = s3.recorded_endpoint(client)
+            if endpoint:  # uploads to the configured endpoint record it
+                rt.s3(endpoint)
+    except Exception as error:  # noqa: BLE001 - the first part makes them, or reports why it cannot
+        log.info("could not prepare for the first part (%s); the part will", error)
 
 
 _watch: list[watch.Watch] = []

@@ -87,10 +87,17 @@ def make_app(settings: Settings) -> Celery:
         broker_use_ssl=_tls_options(settings.broker_url),
         result_expires=RESULT_EXPIRES,
         result_extended=False,
-        task_track_started=True,
-        # Flower and the event stream see sent/started/succeeded parts.
-        worker_send_task_events=True,
-        task_send_sent_event=True,
+        # Nothing reads a task's result or state: progress is in Postgres, and the chord's
+        # callback gets the parts' results from the chord itself (the Redis backend keeps each
+        # header task's return value in the chord's own keys, whether or not the task stores a
+        # result). So no result is stored (a GET and a SETEX+PUBLISH each), nor a STARTED state.
+        task_ignore_result=True,
+        task_track_started=False,
+        # Task events (received/started/succeeded, a PUBLISH each) only for those who watch them:
+        # `s3ferry worker --task-events` (or S3FERRY_TASK_EVENTS=1) sends them from the start, and
+        # Flower turns them on in every worker while it runs (`celery control enable_events`).
+        worker_send_task_events=False,
+        task_send_sent_event=False,
         broker_connection_retry_on_startup=True,
         # Keep working through a broker blip instead of cancelling parts mid-flight.
         worker_cancel_long_running_tasks_on_connection_loss=False,

@@ -24,11 +24,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import crc32c
 import sqlalchemy as sa
 
-from models import queries, transitions
+from models import notify, queries, transitions
 from models.exceptions import InvalidTransition, S3FerryError
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload
-from orchestrator import scheduler
+from orchestrator import progress, scheduler
 from workers import policy, retry, s3
 from workers.parts import RetryLater
 from workers.runtime import Runtime
@@ -90,10 +90,12 @@ def complete(rt: Runtime, upload_id: uuid.UUID, collected: Iterable[Mapping[str,
         try:
             transitions.mark_complete(session, upload_id, etag, f"object verified with HeadObject: {verified}",
                                       checksum=checksum)
+            notify.notify(session, upload_id)
         except InvalidTransition:
             status = queries.get_upload(session, upload_id).status
             log.info("upload became %s meanwhile", status, extra=context)
             return status
+    _announce(rt, upload_id)
     log.info("upload complete", extra={**context, "etag": etag, "checksum": checksum})
     scheduler.request_schedule()  # a slot is free: the next queued upload may start
     return UploadStatus.COMPLETE
@@ -253,8 +255,21 @@ def _fail(rt: Runtime, upload_id: uuid.UUID, error: str) -> None:
     with rt.db.transaction() as session:
         try:
             transitions.fail_upload(session, upload_id, error)
+            notify.notify(session, upload_id)
         except InvalidTransition:
             pass
+    _announce(rt, upload_id)
     log.error("upload failed: %s", error, extra={"upload_id": str(upload_id)})
     scheduler.request_schedule()
     raise CompletionFailed(error)
+
+
+def _announce(rt: Runtime, upload_id: uuid.UUID) -> None:
+    """The upload has finished: a command waiting on it hears so now, whatever the database (on
+    PostgreSQL it also gets the NOTIFY sent at commit)."""
+    try:
+        client = rt.redis
+        if client is not None:
+            progress.announce_finished(client, upload_id)
+    except Exception as error:  # noqa: BLE001 - the waiting command looks again within a second anyway
+        log.info("could not announce the upload's end (%s)", error, extra={"upload_id": str(upload_id)})

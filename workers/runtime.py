@@ -20,7 +20,7 @@ from redis import Redis
 
 from models.db import Database
 from models.settings import Settings
-from workers import s3, window
+from workers import s3, share, window
 from workers.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Runtime:
     pid: int = dataclasses.field(default_factory=os.getpid)
     _clients: dict[str | None, BaseClient] = dataclasses.field(default_factory=dict)
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    _windows: dict[tuple[str | None, str], window.Window] = dataclasses.field(default_factory=dict)
+    _windows: dict[tuple[str | None, str], share.Share] = dataclasses.field(default_factory=dict)
     _redis: Redis | None = None
     _heartbeat: Heartbeat | None = None
 
@@ -69,8 +69,8 @@ class Runtime:
                 self._redis = window.client_from_url(url) if url else None
             return self._redis
 
-    def window(self, endpoint_url: str | None, bucket: str) -> window.Window | None:
-        """The AIMD window of a destination (None without Redis: no shared window)."""
+    def window(self, endpoint_url: str | None, bucket: str) -> share.Share | None:
+        """This process's share of a destination's AIMD window (None without Redis: no shared window)."""
         client = self.redis
         if client is None:
             return None
@@ -80,10 +80,16 @@ class Runtime:
                 s = self.settings
                 limits = window.Limits(s.window_initial, s.window_min, s.window_max, s.window_target_seconds,
                                        s.window_lease_seconds)
-                found = self._windows[(endpoint_url, bucket)] = window.Window(client, endpoint_url, bucket, limits)
+                shared = window.Window(client, endpoint_url, bucket, limits)
+                found = self._windows[(endpoint_url, bucket)] = share.Share(shared, self.worker_id)
             return found
 
     def close(self) -> None:
+        for found in self._windows.values():
+            try:
+                found.close()  # parked slots back to the window now, not when their leases run out
+            except Exception as error:  # noqa: BLE001 - their leases free them
+                log.warning("could not give window slots back: %s", error)
         if self._heartbeat is not None:
             self._heartbeat.stop(retire=True)
         self.db.dispose()

@@ -3,7 +3,8 @@
 One window per destination (endpoint + bucket) lives in Redis, so every worker of the
 fleet shares it:
 
-- it starts at S3FERRY_WINDOW_INITIAL and stays within [S3FERRY_WINDOW_MIN, S3FERRY_WINDOW_MAX];
+- it starts at S3FERRY_WINDOW_INITIAL (unset: the worker's concurrency) and stays within
+  [S3FERRY_WINDOW_MIN, S3FERRY_WINDOW_MAX];
 - a part that lands within the target time, while at least half the window is in use
   (parts held back by the number of workers say nothing about the link), grows it: by 1
   per part up to just below the size that last met congestion (at first: up to the
@@ -25,6 +26,12 @@ fleet shares it:
 Every change is an atomic Lua script on Redis (which also gives the clock), so workers
 never race. Waiting for a slot blocks on a Redis list that each release pushes to: no
 spinning, and no retry counted. Keys are named after a digest of the destination.
+
+Workers' parts do not call Redis for each slot: a worker process holds its slots between
+its parts (workers/share.py), and tells Redis what its parts said, renews its slots, gives
+some back and takes more in one script call (Window.sync); the rules above apply to each
+part's end, in order. A new window starts at the worker's concurrency (start_at), unless
+S3FERRY_WINDOW_INITIAL is set.
 """
 
 from __future__ import annotations
@@ -32,11 +39,16 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import json
 import logging
 import time
+import typing
 import urllib.parse
+from collections.abc import Sequence
 
 import redis
+
+from workers import window_lua
 
 log = logging.getLogger(__name__)
 
@@ -47,100 +59,10 @@ INDEX = "s3ferry:windows"
 PROBE_ROUNDS = 8
 #: Keys of idle destinations go after a week.
 TTL_SECONDS = 7 * 24 * 3600
-
-_ACQUIRE = """
-local now_t = redis.call('TIME')
-local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
-local token, initial, low, high, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local w = tonumber(redis.call('HGET', KEYS[1], 'window'))
-if not w then
-  w = initial
-  redis.call('HSET', KEYS[1], 'window', w, 'epoch', 0, 'endpoint', ARGV[6], 'bucket', ARGV[7],
-             'changed_ms', now, 'reason', 'start')
-end
-local clamped = math.max(low, math.min(high, w))
-if clamped ~= w then
-  w = clamped
-  redis.call('HSET', KEYS[1], 'window', w, 'changed_ms', now, 'reason', 'limits')
-end
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch')) or 0
-local used = redis.call('ZCARD', KEYS[2])
-local granted = 0
-if redis.call('ZSCORE', KEYS[2], token) or used < math.floor(w) then
-  if not redis.call('ZSCORE', KEYS[2], token) then used = used + 1 end
-  redis.call('ZADD', KEYS[2], now + lease, token)
-  granted = 1
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[8]); redis.call('PEXPIRE', KEYS[2], ARGV[8])
-redis.call('SADD', KEYS[3], KEYS[1])
-return {granted, epoch, used, math.floor(w)}
-"""
-
-_RENEW = """
-local now_t = redis.call('TIME')
-local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
-local existed = redis.call('ZSCORE', KEYS[2], ARGV[1])
-redis.call('ZADD', KEYS[2], now + tonumber(ARGV[2]), ARGV[1])  -- the part is still in flight: it counts
-if existed then return 1 else return 0 end
-"""
-
-_RELEASE = """
-local now_t = redis.call('TIME')
-local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
-local token, signal, epoch_then, low, high = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-local held = redis.call('ZREM', KEYS[2], token)
-local w = tonumber(redis.call('HGET', KEYS[1], 'window'))
-if not w then  -- the window was reset (deleted) meanwhile: the next acquire starts a new one
-  redis.call('LPUSH', KEYS[3], 1)
-  redis.call('PEXPIRE', KEYS[3], ARGV[7])
-  return {held, 0, 0, redis.call('ZCARD', KEYS[2]), ARGV[6]}
-end
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch')) or 0
-local ceiling = tonumber(redis.call('HGET', KEYS[1], 'ceiling')) or (high + 1)
-local used = redis.call('ZCARD', KEYS[2])
-local whole = math.floor(w)
-local new = w
--- below the last limit any landed part counts (it shows the link carries that much);
--- the probe of the limit and growth past it count only parts sent since the last halving
-if signal == 'grow' and held == 1 and 2 * (used + 1) >= whole and (whole + 1 < ceiling or epoch_then == epoch) then
-  if whole + 1 < ceiling then new = w + 1                                    -- (re)grow to below the last limit
-  elseif whole < ceiling then new = w + 1 / (tonumber(ARGV[8]) * whole)      -- probe that limit slowly
-  else new = w + 1 / whole end                                               -- past it: additive increase
-  new = math.min(high, new)
-  if math.floor(new + 1e-9) > whole then new = math.floor(new + 1e-9) end  -- each step starts a fresh count
-elseif signal == 'shrink' and epoch_then == epoch then
-  -- the refused part was sent when the window was ARGV[9]: the limit is there (or below),
-  -- not at what the window grew to while the refusal was on its way back. A part that
-  -- failed long after it was sent (a timeout) is not taken further back than half of now.
-  local met = math.min(whole, math.max(tonumber(ARGV[9]), math.ceil(whole / 2)))
-  new = math.max(low, math.floor(met / 2))
-  redis.call('HSET', KEYS[1], 'epoch', epoch + 1, 'ceiling', met)
-elseif signal == 'shrink' and epoch_then == epoch - 1 then
-  -- another refusal of the round that was just halved: it does not halve again, but if it was
-  -- sent under a smaller window, the limit is lower than recorded
-  local sent = math.max(tonumber(ARGV[9]), low + 1)
-  if sent < ceiling then
-    redis.call('HSET', KEYS[1], 'ceiling', sent)
-    if new >= sent then new = math.max(low, sent - 1) end
-  end
-end
-local reason = ARGV[6]
-if signal == 'shrink' and epoch_then ~= epoch then reason = 'limit lowered: ' .. reason end
-if new ~= w then
-  redis.call('HSET', KEYS[1], 'window', tostring(new))
-  if math.floor(new) ~= math.floor(w) then
-    redis.call('HSET', KEYS[1], 'changed_ms', now, 'reason', reason)
-  end
-end
-local free = math.floor(new) - used
-if free > 0 then
-  for i = 1, free do redis.call('LPUSH', KEYS[3], 1) end
-  redis.call('LTRIM', KEYS[3], 0, high - 1)
-  redis.call('PEXPIRE', KEYS[3], ARGV[7])
-end
-return {held, math.floor(w), math.floor(new), used, reason}
-"""
+#: A process that found no free slot counts as waiting until it has not asked for this long:
+#: meanwhile the others give back the slots they hold parked, and slots go to the processes
+#: waiting, the longest-waiting first (workers/share.py).
+WAITING_MS = 2500
 
 
 class Signal(enum.Enum):
@@ -176,12 +98,60 @@ class Slot:
     size: int  # the window's size when it was granted
 
 
+class Ended(typing.NamedTuple):
+    """A part that ended, as a process's share reports it (Window.sync)."""
+
+    token: str  # the slot it was sent under
+    signal: str  # Signal.value
+    epoch: int  # the window's epoch when it took the slot
+    size: int  # the window's size then
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Synced:
+    """What Window.sync found: the window now, and what became of the process's slots."""
+
+    epoch: int
+    size: int
+    granted: list[str]
+    back: list[str]  # parked slots given back
+    lapsed: list[str]  # slots in use whose lease had run out (taken again)
+    others_waiting: bool  # another process waits for a slot
+    over: bool  # more slots are held than the window's size (it shrank)
+    changes: list[tuple[int, int, str]]
+
+
 @dataclasses.dataclass(frozen=True)
 class State:
     window: int
     in_flight: int
     reason: str
     changed_at: float | None  # Unix time
+
+
+#: The worker node's concurrency, noted when it starts (workers/app.py); 0 outside a worker.
+_node_concurrency = 0
+#: Whether S3FERRY_WINDOW_INITIAL was set: then a new window starts there, whatever the concurrency.
+_initial_set = True
+
+
+def start_at(concurrency: int, initial_set: bool) -> None:
+    """Where this node's new windows start: at its concurrency (unless S3FERRY_WINDOW_INITIAL is
+    set), so that the first parts of an upload do not go one at a time."""
+    global _node_concurrency, _initial_set
+    _node_concurrency, _initial_set = max(0, concurrency), initial_set
+
+
+def start_size(limits: Limits) -> int:
+    """The size of a new window (none yet, or it expired after a week unused); a window that
+    exists keeps its last size: the one the last grow or halving left."""
+    start = limits.initial if _initial_set else max(limits.initial, _node_concurrency)
+    return max(limits.low, min(limits.high, start))
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def destination_name(endpoint_url: str | None, bucket: str) -> str:
@@ -193,20 +163,6 @@ def destination_name(endpoint_url: str | None, bucket: str) -> str:
     return f"{parts.scheme}://{host}{':' + str(parts.port) if parts.port else ''}/{bucket}"
 
 
-_EVICT = """
-local gone = 0
-for _, token in ipairs(redis.call('ZRANGE', KEYS[2], 0, -1)) do
-  if string.sub(token, 1, #ARGV[1]) == ARGV[1] then
-    redis.call('ZREM', KEYS[2], token)
-    gone = gone + 1
-  end
-end
-for i = 1, gone do redis.call('LPUSH', KEYS[3], 1) end
-if gone > 0 then redis.call('PEXPIRE', KEYS[3], ARGV[2]) end
-return gone
-"""
-
-
 class Window:
     """The shared window of one destination."""
 
@@ -214,12 +170,15 @@ class Window:
         self.client, self.limits = client, limits
         self.name = destination_name(endpoint_url, bucket)
         base = KEY.format(hashlib.sha256(self.name.encode()).hexdigest()[:24])
-        self.keys = (base, base + ":slots", base + ":freed")
+        #: the window, its slots (token -> lease expiry), the wake-up list, the processes waiting for a
+        #: slot (since when), and when each last asked
+        self.keys = (base, base + ":slots", base + ":freed", base + ":waiting", base + ":asked")
         self.endpoint, self.bucket = endpoint_url or "", bucket
-        self._acquire = client.register_script(_ACQUIRE)
-        self._renew = client.register_script(_RENEW)
-        self._release = client.register_script(_RELEASE)
-        self._evict = client.register_script(_EVICT)
+        self._acquire = client.register_script(window_lua.ACQUIRE)
+        self._renew = client.register_script(window_lua.RENEW)
+        self._release = client.register_script(window_lua.RELEASE)
+        self._evict = client.register_script(window_lua.EVICT)
+        self._sync = client.register_script(window_lua.SYNC)
 
     def try_acquire(self, token: str) -> Slot | None:
         lim = self.limits
@@ -260,6 +219,30 @@ class Window:
             log.info("window %s: %d -> %d (%s)", self.name, before, after, reason,
                      extra={"destination": self.name, "window": after})
         return before, after
+
+    def sync(self, holder: str, ended: Sequence[Ended] = (), busy: Sequence[str] = (), keep: Sequence[str] = (),
+             give: Sequence[str] = (), want: Sequence[str] = (), unwait: bool = False) -> Synced:
+        """One round trip for a process's share of the window (workers/share.py): the parts that
+        `ended` since its last call move the window, in order; its slots in use (`busy`) are renewed
+        (taken again if they lapsed); its parked ones are renewed (`keep`) or given back (`give`;
+        `keep` ones too when other processes wait, when the window is over its size, or when they
+        lapsed); and it takes the slots it `want`s that are free, first come first served: wanting
+        more than it gets queues `holder` behind the processes already waiting (`unwait`: it
+        stopped waiting)."""
+        lim = self.limits
+        payload = {"holder": holder, "ended": [list(e) for e in ended], "busy": list(busy), "keep": list(keep),
+                   "give": list(give), "want": list(want), "unwait": unwait, "initial": start_size(lim), "low": lim.low,
+                   "high": lim.high, "probe": PROBE_ROUNDS, "lease": int(lim.lease_seconds * 1000),
+                   "waiting": WAITING_MS, "ttl": TTL_SECONDS * 1000, "endpoint": self.endpoint,
+                   "bucket": self.bucket}
+        epoch, size, granted, back, lapsed, others, over, changes = self._sync(
+            keys=[*self.keys[:3], INDEX, *self.keys[3:]], args=[json.dumps(payload)])
+        moved = [(int(a), int(b), _text(r)) for a, b, r in (json.loads(changes) or [])]
+        for before, after, reason in moved:
+            log.info("window %s: %d -> %d (%s)", self.name, before, after, reason,
+                     extra={"destination": self.name, "window": after})
+        return Synced(int(epoch), int(size), [_text(m) for m in granted], [_text(m) for m in back],
+                      [_text(m) for m in lapsed], bool(others), bool(over), moved)
 
     def evict(self, prefix: str) -> int:
         """Free the slots whose token starts with `prefix` (a dead worker's part: `worker:upload:part:`)

@@ -22,6 +22,15 @@ AUTH = "ops:correct-horse-battery"
 
 
 @pytest.fixture
+def worker(workdir: Path, service_env: dict[str, str]) -> Iterator[services.Server]:
+    """A worker that sends task events from its start (S3FERRY_TASK_EVENTS, as compose and the
+    Kubernetes manifests set it beside Flower): workers send none unless asked."""
+    server = services.start_worker(workdir, dict(service_env, S3FERRY_TASK_EVENTS="1"), "worker", concurrency=2)
+    with services.running(server):
+        yield server
+
+
+@pytest.fixture
 def flower(worker, service_env: dict[str, str], tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
     port = services.free_port()
     log = tmp_path / "flower.log"

@@ -74,7 +74,7 @@ def status(db: Database, upload_id: uuid.UUID) -> str:
 def test_queued_uploads_run_one_at_a_time_by_priority_then_age(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     files = {name: tmp_path / f"{name}.bin" for name in ("first", "low", "high", "mid", "mid-later")}
     for name, path in files.items():
-        write_random(path, 40 * MiB if name == "first" else 6 * MiB)  # the others queue behind the first
+        write_random(path, 64 * MiB if name == "first" else 6 * MiB)  # the others queue behind the first (~11 s)
     ids = {"first": submit(queue_env, files["first"], bucket)}
     for name, priority in (("low", "1"), ("high", "5"), ("mid", "3"), ("mid-later", "3")):
         ids[name] = submit(queue_env, files[name], bucket, "--priority", priority)
@@ -93,7 +93,7 @@ def test_with_three_slots_three_uploads_run_together(queue_env, qdb, s3, bucket,
     env = {**queue_env, "S3FERRY_MAX_ACTIVE_UPLOADS": "3"}
     paths = [tmp_path / f"together{index}.bin" for index in range(3)]
     for path in paths:
-        write_random(path, 25 * MiB)  # ~4 s each on the capped link: longer than the three submits
+        write_random(path, 40 * MiB)  # ~7 s for the first alone on the capped link: longer than the three submits
     ids = [submit(env, path, bucket) for path in paths]
     assert all(status(qdb, i) != "queued" for i in ids)  # none waited for a slot
     for upload_id in ids:
