@@ -31,6 +31,8 @@ DEFAULT_RESULT_BACKEND = "redis://127.0.0.1:6379/1"
 SECRETS = ("signer_key",)
 #: Set by from_env(), never read from the environment.
 _DERIVED = ("local",)
+#: Settings that may be unset (None), and the type they take when set.
+_OPTIONAL: dict[str, type] = {"window_initial": int}
 
 
 class SettingsError(exceptions.UserError, ValueError):
@@ -127,8 +129,9 @@ class Settings:
     #: The AIMD window of parts in flight to one destination (endpoint + bucket), shared by the
     #: fleet through Redis (workers/window.py): where it starts, and its bounds. A part that
     #: lands within window_target_seconds (for 32 MiB; scaled to larger parts) adds 1; SlowDown,
-    #: throttling, timeouts and connection errors halve it. MIN = MAX fixes it.
-    window_initial: int = 1
+    #: throttling, timeouts and connection errors halve it. MIN = MAX fixes it. Unset, a new
+    #: window starts at the concurrency of the worker that opens it (its first parts go together).
+    window_initial: int | None = None
     window_min: int = 1
     window_max: int = 32
     window_target_seconds: float = 30.0
@@ -171,10 +174,14 @@ class Settings:
     #: Single-machine mode: neither S3FERRY_DATABASE_URL nor S3FERRY_BROKER_URL is set, so the
     #: state lives in `home` and each `s3ferry upload` runs its own workers (orchestrator/local.py).
     local: bool = False
+    #: Workers send Celery task events from their start (for Flower or `celery events`); off by
+    #: default, as each event is a Redis publish per task. Flower turns them on while it runs.
+    task_events: bool = False
 
     def __post_init__(self) -> None:
         for name, allowed in RANGES.items():
-            _check_range(name, getattr(self, name), allowed, type(_DEFAULTS[name]))
+            if getattr(self, name) is not None or name not in _OPTIONAL:
+                _check_range(name, getattr(self, name), allowed, _OPTIONAL.get(name) or type(_DEFAULTS[name]))
         if not QUEUE_NAME.fullmatch(self.queue):
             raise SettingsError(f"S3FERRY_QUEUE ({_short(repr(self.queue))}) is not a valid queue name: 1 to 200 "
                                 "characters of A-Z a-z 0-9 . _ : - (no spaces or newlines)")
@@ -225,7 +232,11 @@ class Settings:
         if not self.retry_backoff_base <= self.retry_backoff_max:
             raise SettingsError(f"S3FERRY_RETRY_BACKOFF_BASE ({self.retry_backoff_base}) must be at most "
                                 f"S3FERRY_RETRY_BACKOFF_MAX ({self.retry_backoff_max})")
-        if not self.window_min <= self.window_initial <= self.window_max:
+        if self.window_initial is None:
+            if not self.window_min <= self.window_max:
+                raise SettingsError(f"S3FERRY_WINDOW_MIN ({self.window_min}) must be at most "
+                                    f"S3FERRY_WINDOW_MAX ({self.window_max})")
+        elif not self.window_min <= self.window_initial <= self.window_max:
             raise SettingsError(
                 f"the window settings must satisfy 1 <= S3FERRY_WINDOW_MIN ({self.window_min}) <= "
                 f"S3FERRY_WINDOW_INITIAL ({self.window_initial}) <= S3FERRY_WINDOW_MAX ({self.window_max})")
@@ -248,7 +259,7 @@ class Settings:
             raw = env.get("S3FERRY_" + field.name.upper())
             if raw is None or raw == "" or field.name in _DERIVED:
                 continue
-            values[field.name] = _parse(field.name, raw, type(field.default))
+            values[field.name] = _parse(field.name, raw, _OPTIONAL.get(field.name) or type(field.default))
         values["home"] = os.path.realpath(os.path.expanduser(str(values.get("home") or default_home())))
         given = [name for name in ("database_url", "broker_url") if name in values]
         if not given:

@@ -602,7 +602,7 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
     queues = f"{settings.queue},{recovered_queue(settings.queue)}"
     if not settings.presigned:
         queues += f",{control_queue(settings.queue)}"
-    events = args.task_events if args.task_events is not None else task_events_asked()
+    events = args.task_events if args.task_events is not None else settings.task_events
     return ["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}", f"--pool={args.pool}",
             f"--queues={queues}", f"--hostname={args.hostname or node_name('s3ferry')}", *QUIET_START,
             *(["--task-events"] if events else [])]
@@ -612,11 +612,6 @@ def worker_argv(args: argparse.Namespace, settings: Settings) -> list[str]:
 #: nothing, Postgres says what to skip) and no gossip (every worker subscribed to every other
 #: worker's events). Heartbeats stay: Flower shows workers by them.
 QUIET_START = ("--without-mingle", "--without-gossip")
-
-
-def task_events_asked() -> bool:
-    """S3FERRY_TASK_EVENTS=1: workers send task events from the start (for Flower, `celery events`)."""
-    return os.environ.get("S3FERRY_TASK_EVENTS", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def node_name(role: str) -> str:
@@ -655,7 +650,7 @@ def _signer(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     app.worker_main(["worker", f"--concurrency={args.concurrency}", f"--loglevel={args.loglevel}", "--pool=threads",
                      f"--queues={control_queue(settings.queue)}", f"--hostname={node_name('signer')}", *QUIET_START,
-                     *(["--task-events"] if task_events_asked() else [])])
+                     *(["--task-events"] if settings.task_events else [])])
     service.stop.set()
     return 0
 

@@ -38,8 +38,7 @@ def _window_start(sender: object = None, **_: object) -> None:
     # A destination's new window starts at this node's concurrency, so that an upload's first
     # parts go together (workers/window.py); S3FERRY_WINDOW_INITIAL, if set, decides instead.
     concurrency = getattr(sender, "concurrency", 0)
-    window.start_at(concurrency if isinstance(concurrency, int) else 0,
-                    initial_set=bool(os.environ.get("S3FERRY_WINDOW_INITIAL", "").strip()))
+    window.start_at(concurrency if isinstance(concurrency, int) else 0)
 
 
 @signals.worker_ready.connect

@@ -75,7 +75,8 @@ class Signal(enum.Enum):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    initial: int = 1
+    #: Where a new window starts; None: at the node's concurrency (start_at), at least 1.
+    initial: int | None = None
     low: int = 1
     high: int = 32
     #: A part of 32 MiB that lands within this grows the window (scaled to larger parts).
@@ -132,21 +133,17 @@ class State:
 
 #: The worker node's concurrency, noted when it starts (workers/app.py); 0 outside a worker.
 _node_concurrency = 0
-#: Whether S3FERRY_WINDOW_INITIAL was set: then a new window starts there, whatever the concurrency.
-_initial_set = True
-
-
-def start_at(concurrency: int, initial_set: bool) -> None:
-    """Where this node's new windows start: at its concurrency (unless S3FERRY_WINDOW_INITIAL is
-    set), so that the first parts of an upload do not go one at a time."""
-    global _node_concurrency, _initial_set
-    _node_concurrency, _initial_set = max(0, concurrency), initial_set
+def start_at(concurrency: int) -> None:
+    """Note this node's concurrency: where its new windows start unless S3FERRY_WINDOW_INITIAL is
+    set, so that the first parts of an upload do not go one at a time."""
+    global _node_concurrency
+    _node_concurrency = max(0, concurrency)
 
 
 def start_size(limits: Limits) -> int:
     """The size of a new window (none yet, or it expired after a week unused); a window that
     exists keeps its last size: the one the last grow or halving left."""
-    start = limits.initial if _initial_set else max(limits.initial, _node_concurrency)
+    start = limits.initial if limits.initial is not None else max(1, _node_concurrency)
     return max(limits.low, min(limits.high, start))
 
 

@@ -91,7 +91,9 @@ def test_task_events_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "--task-events" not in argv and {"--without-mingle", "--without-gossip"} <= set(argv)
     assert "--task-events" in cli.worker_argv(parse(["worker", "-E"]), settings)
     monkeypatch.setenv("S3FERRY_TASK_EVENTS", "1")
-    assert "--task-events" in cli.worker_argv(parse(["worker"]), settings)
+    from_env = cli.Settings.from_env({"S3FERRY_DATABASE_URL": "postgresql+psycopg://u@h/db",
+                                      "S3FERRY_BROKER_URL": "redis://h/0", "S3FERRY_TASK_EVENTS": "1"})
+    assert from_env.task_events and "--task-events" in cli.worker_argv(parse(["worker"]), from_env)
 
 
 # --- a process's share of the window --------------------------------------------------------------
@@ -223,13 +225,15 @@ def test_a_slot_in_use_is_renewed_past_its_lease(make_share) -> None:  # type: i
 
 def test_a_new_window_starts_at_the_nodes_concurrency() -> None:
     try:
-        window.start_at(4, initial_set=False)
-        assert window.start_size(Limits(initial=1, low=1, high=32)) == 4
-        assert window.start_size(Limits(initial=1, low=1, high=2)) == 2
-        window.start_at(4, initial_set=True)  # S3FERRY_WINDOW_INITIAL decides
-        assert window.start_size(Limits(initial=1, low=1, high=32)) == 1
+        window.start_at(4)
+        assert window.start_size(Limits(initial=None, low=1, high=32)) == 4
+        assert window.start_size(Limits(initial=None, low=1, high=2)) == 2
+        assert window.start_size(Limits(initial=1, low=1, high=32)) == 1  # S3FERRY_WINDOW_INITIAL decides
+        window.start_at(0)  # outside a worker
+        assert window.start_size(Limits(initial=None, low=1, high=32)) == 1
+        assert window.start_size(Limits(initial=None, low=3, high=32)) == 3
     finally:
-        window.start_at(0, initial_set=True)
+        window.start_at(0)
 
 
 # --- waiting on an upload ---------------------------------------------------------------------------

@@ -74,8 +74,14 @@ def test_window_settings_are_read_and_checked() -> None:
                                   "S3FERRY_WINDOW_TARGET_SECONDS": "12.5"})
     assert (settings.window_initial, settings.window_min, settings.window_max) == (4, 1, 8)
     assert settings.window_target_seconds == 12.5
-    with pytest.raises(ValueError, match=r"1 <= S3FERRY_WINDOW_MIN \(5\) <= S3FERRY_WINDOW_INITIAL \(1\)"):
-        Settings.from_env({**FLEET, "S3FERRY_WINDOW_MIN": "5"})
+    assert Settings.from_env(FLEET).window_initial is None  # unset: the worker's concurrency
+    assert Settings.from_env({**FLEET, "S3FERRY_WINDOW_MIN": "5"}).window_min == 5
+    with pytest.raises(ValueError, match=r"1 <= S3FERRY_WINDOW_MIN \(5\) <= S3FERRY_WINDOW_INITIAL \(2\)"):
+        Settings.from_env({**FLEET, "S3FERRY_WINDOW_MIN": "5", "S3FERRY_WINDOW_INITIAL": "2"})
+    with pytest.raises(ValueError, match=r"S3FERRY_WINDOW_MIN \(9\) must be at most S3FERRY_WINDOW_MAX \(8\)"):
+        Settings.from_env({**FLEET, "S3FERRY_WINDOW_MIN": "9", "S3FERRY_WINDOW_MAX": "8"})
+    with pytest.raises(ValueError, match=r"S3FERRY_WINDOW_INITIAL='x' is not a whole number"):
+        Settings.from_env({**FLEET, "S3FERRY_WINDOW_INITIAL": "x"})
     with pytest.raises(ValueError, match="S3FERRY_WINDOW_INITIAL \\(40\\) <= S3FERRY_WINDOW_MAX \\(32\\)"):
         Settings.from_env({**FLEET, "S3FERRY_WINDOW_INITIAL": "40"})
     with pytest.raises(ValueError, match=r"S3FERRY_WINDOW_LEASE_SECONDS \(0.0\) must be from 1 to 3600 seconds"):
@@ -157,8 +163,11 @@ def test_settings_made_in_code_are_checked_too(name: str, value: object) -> None
 
 def test_every_numeric_setting_has_a_range_and_its_default_is_inside() -> None:
     numeric = [f.name for f in dataclasses.fields(Settings) if type(f.default) in (int, float)]
-    assert sorted(RANGES) == sorted(numeric)
+    optional = [f.name for f in dataclasses.fields(Settings) if f.default is None]
+    assert optional == ["window_initial"] and sorted(RANGES) == sorted(numeric + optional)
     assert all(getattr(Settings(), name) in RANGES[name] for name in numeric)
+    with pytest.raises(SettingsError, match="S3FERRY_WINDOW_INITIAL .* must be"):
+        Settings(window_initial=0)
 
 
 def test_the_edges_of_the_ranges_are_accepted() -> None:
