@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from models import clock, liveness
+from models import clock, liveness, notify
 from models.exceptions import InvalidTransition, UploadNotFound
 from models.states import PART_MOVES, UPLOAD_MOVES, PartStatus, UploadStatus
 from models.tables import Base, Part, Upload, UploadEvent
@@ -157,6 +157,7 @@ def _move_upload(session: orm.Session, upload_id: uuid.UUID, to: UploadStatus, r
     if moved is None:  # pragma: no cover - the row lock makes this unreachable
         raise InvalidTransition(f"upload {upload_id} changed while becoming {to}")
     _record(session, upload_id, current, to, reason)
+    notify.notify(session, upload_id)  # a command waiting on it learns at once (failed, cancelled, ...)
     return UploadStatus(current)
 
 

@@ -110,6 +110,25 @@ def test_an_illegal_move_raises_and_changes_nothing(state: Database, move: str) 
     assert status_of(state, upload_id) == before
 
 
+def test_an_upload_that_changes_status_wakes_whoever_waits_on_it(database_url: str) -> None:
+    from models import notify
+
+    db = Database(database_url)
+    upload_id = new_upload(db)
+    listener = notify.listen(db.engine)
+    assert listener is not None
+    try:
+        with pytest.raises(InvalidTransition), db.transaction() as session:
+            transitions.begin_completing(session, upload_id, "test")  # refused: nothing moved, nothing said
+        assert not listener.wait(upload_id, 0.3)
+        with db.transaction() as session:
+            transitions.fail_upload(session, upload_id, "boom")
+        assert listener.wait(upload_id, 10)
+    finally:
+        listener.close()
+        db.dispose()
+
+
 def test_a_complete_upload_never_leaves_complete(state: Database) -> None:
     upload_id = new_upload(state, parts=1)
     with state.transaction() as session:

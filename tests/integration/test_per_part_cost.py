@@ -251,9 +251,7 @@ def test_a_notify_wakes_a_listener_when_its_transaction_commits(db: Database) ->
         with db.transaction() as session:
             notify.notify(session, uuid.uuid4())  # another upload's
             notify.notify(session, upload_id)
-        started = time.monotonic()
         assert listener.wait(upload_id, 5)
-        assert time.monotonic() - started < 1
     finally:
         listener.close()
 
