@@ -32,6 +32,9 @@ class FlakyProxy:
         self._lock = threading.Lock()
         self._open: set[socket.socket] = set()
         self._closed = False
+        #: cleared by hold(): bytes towards the server wait until release()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.up()
 
     def up(self) -> None:
@@ -62,8 +65,17 @@ class FlakyProxy:
         with self._lock:
             self.rate, self._sent, self._since = bytes_per_second, 0.0, time.monotonic()
 
+    def hold(self) -> None:
+        """Bytes towards the server wait (requests stay in flight, nothing lands) until release()."""
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
     def _throttle(self, size: int) -> None:
         """Count bytes towards the server; sleep so that they stay under `rate` on average."""
+        while not self._flowing.wait(0.5) and not self._closed:
+            pass
         with self._lock:
             self.bytes_up += size
             if self.rate is None:
@@ -86,6 +98,7 @@ class FlakyProxy:
 
     def close(self) -> None:
         self._closed = True
+        self._flowing.set()
         self.down()
 
     def _accept(self, server: socket.socket) -> None:

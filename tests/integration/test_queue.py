@@ -6,10 +6,12 @@ in it), their own queue and worker, and one slot (S3FERRY_MAX_ACTIVE_UPLOADS=1).
 
 from __future__ import annotations
 
+import functools
 import json
+import signal
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -23,14 +25,15 @@ from models.tables import Upload
 from tests import services
 from tests.conftest import drop_database, sha256_of_object, write_random
 from tests.faults import FlakyProxy
+from tests.services import Server
 from tests.integration.helpers import FINISHED, MiB, claims_per_part, run_cli, wait_status, wait_until
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
-def queue_env(postgres_url: str, service_env: dict[str, str], s3_endpoint: str,
-              tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def queue_stack(postgres_url: str, service_env: dict[str, str], s3_endpoint: str,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[dict[str, str], FlakyProxy, Server]]:
     url = sa.make_url(postgres_url).set(database=f"s3ferry_queue_{uuid.uuid4().hex[:8]}")
     rendered = url.render_as_string(hide_password=False)
     migrate.upgrade(rendered)
@@ -41,11 +44,41 @@ def queue_env(postgres_url: str, service_env: dict[str, str], s3_endpoint: str,
            "S3FERRY_MAX_ACTIVE_UPLOADS": "1", "AWS_ENDPOINT_URL": proxy.url}
     worker = services.start_worker(tmp_path_factory.mktemp("queue"), env, "queue", concurrency=2)
     try:
-        yield env
+        yield env, proxy, worker
     finally:
         worker.stop()
         proxy.close()
         drop_database(url)
+
+
+@pytest.fixture(scope="module")
+def queue_env(queue_stack: tuple[dict[str, str], FlakyProxy, Server]) -> dict[str, str]:
+    return queue_stack[0]
+
+
+@pytest.fixture
+def frozen(queue_stack: tuple[dict[str, str], FlakyProxy, Server]) -> Iterator[Callable[[], None]]:
+    """The worker, stopped (SIGSTOP) until the test calls the function it gets: what was
+    submitted meanwhile stays as the commands left it (started or queued), however slow the
+    machine. Continued at the end whatever happens."""
+    worker = queue_stack[2]
+    worker.signal(signal.SIGSTOP)
+    thaw = functools.partial(worker.signal, signal.SIGCONT)
+    try:
+        yield thaw
+    finally:
+        thaw()
+
+
+@pytest.fixture
+def link(queue_stack: tuple[dict[str, str], FlakyProxy, Server]) -> Iterator[FlakyProxy]:
+    """The workers' link to S3. link.hold(): what is sent waits (an upload stays active, however
+    slow the machine) until link.release(); released at the end whatever happens."""
+    proxy = queue_stack[1]
+    try:
+        yield proxy
+    finally:
+        proxy.release()
 
 
 @pytest.fixture
@@ -71,14 +104,16 @@ def status(db: Database, upload_id: uuid.UUID) -> str:
     return str(rows(db, [upload_id])[0].status)
 
 
-def test_queued_uploads_run_one_at_a_time_by_priority_then_age(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_queued_uploads_run_one_at_a_time_by_priority_then_age(queue_env, qdb, s3, bucket, frozen,  # type: ignore[no-untyped-def]
+                                                                 tmp_path: Path) -> None:
     files = {name: tmp_path / f"{name}.bin" for name in ("first", "low", "high", "mid", "mid-later")}
-    for name, path in files.items():
-        write_random(path, 64 * MiB if name == "first" else 6 * MiB)  # the others queue behind the first (~11 s)
-    ids = {"first": submit(queue_env, files["first"], bucket)}
+    for path in files.values():
+        write_random(path, 6 * MiB)
+    ids = {"first": submit(queue_env, files["first"], bucket)}  # active, its parts waiting for the worker
     for name, priority in (("low", "1"), ("high", "5"), ("mid", "3"), ("mid-later", "3")):
         ids[name] = submit(queue_env, files[name], bucket, "--priority", priority)
     assert [status(qdb, ids[n]) for n in ("low", "high", "mid", "mid-later")] == ["queued"] * 4
+    frozen()
 
     for upload_id in ids.values():
         assert wait_status(qdb, upload_id, FINISHED) == UploadStatus.COMPLETE
@@ -89,29 +124,34 @@ def test_queued_uploads_run_one_at_a_time_by_priority_then_age(queue_env, qdb, s
         assert after.started_at >= before.finished_at  # one at a time
 
 
-def test_with_three_slots_three_uploads_run_together(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_with_three_slots_three_uploads_run_together(queue_env, qdb, s3, bucket, frozen,  # type: ignore[no-untyped-def]
+                                                     tmp_path: Path) -> None:
     env = {**queue_env, "S3FERRY_MAX_ACTIVE_UPLOADS": "3"}
     paths = [tmp_path / f"together{index}.bin" for index in range(3)]
     for path in paths:
-        write_random(path, 40 * MiB)  # ~7 s for the first alone on the capped link: longer than the three submits
-    ids = [submit(env, path, bucket) for path in paths]
+        write_random(path, 11 * MiB)
+    ids = [submit(env, path, bucket) for path in paths]  # none finishes while the worker is stopped
     assert all(status(qdb, i) != "queued" for i in ids)  # none waited for a slot
+    frozen()
     for upload_id in ids:
         assert wait_status(qdb, upload_id, FINISHED) == UploadStatus.COMPLETE
     uploads = rows(qdb, ids)
     assert max(u.started_at for u in uploads) < min(u.finished_at for u in uploads)  # all ran at once
 
 
-def test_pause_then_resume_in_the_middle_sends_no_part_twice(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pause_then_resume_in_the_middle_sends_no_part_twice(queue_env, qdb, s3, bucket, link,  # type: ignore[no-untyped-def]
+                                                             tmp_path: Path) -> None:
     path = tmp_path / "paused.bin"
     sha256 = write_random(path, 40 * MiB)
     upload_id = submit(queue_env, path, bucket)
     wait_until(lambda: _counts(qdb, upload_id).done >= 2)
+    link.hold()  # the middle: the rest cannot land before the pause
 
     paused = run_cli(["pause", str(upload_id)], queue_env)
 
     assert paused.returncode == 0, paused.stderr
     assert status(qdb, upload_id) == "paused"
+    link.release()
     wait_until(lambda: _counts(qdb, upload_id).in_flight == 0, timeout=30)  # parts in flight finish
     done = _counts(qdb, upload_id).done
     time.sleep(2)
@@ -138,7 +178,7 @@ def test_cancel_in_the_middle_leaves_nothing_billed(queue_env, qdb, s3, bucket, 
     upload_id = submit(queue_env, path, bucket)
     wait_until(lambda: _counts(qdb, upload_id).done >= 1)
 
-    cancelled = run_cli(["cancel", str(upload_id)], queue_env)
+    cancelled = run_cli(["cancel", str(upload_id)], queue_env)  # (it aborts in S3 through the same link)
 
     assert cancelled.returncode == 0, cancelled.stderr
     assert "multipart upload is aborted in S3" in cancelled.stdout
@@ -152,7 +192,8 @@ def test_cancel_in_the_middle_leaves_nothing_billed(queue_env, qdb, s3, bucket, 
     assert rows(qdb, [upload_id])[0].s3_aborted_at is not None
 
 
-def test_a_failing_upload_moves_the_queue_on_and_can_be_retried(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_failing_upload_moves_the_queue_on_and_can_be_retried(queue_env, qdb, s3, bucket, link,  # type: ignore[no-untyped-def]
+                                                                frozen, tmp_path: Path) -> None:
     (tmp_path / "mount").mkdir()
     doomed, after = tmp_path / "mount" / "doomed.bin", tmp_path / "after.bin"
     sha256 = write_random(doomed, 40 * MiB)
@@ -160,8 +201,11 @@ def test_a_failing_upload_moves_the_queue_on_and_can_be_retried(queue_env, qdb, 
     doomed_id = submit(queue_env, doomed, bucket)
     after_id = submit(queue_env, after, bucket)
     assert status(qdb, after_id) == "queued"
+    frozen()
     wait_until(lambda: _counts(qdb, doomed_id).done >= 1)
+    link.hold()  # the middle: the rest cannot land before its folder goes
     (tmp_path / "mount").rename(tmp_path / "unmounted")  # its folder goes away (the file itself is untouched)
+    link.release()
 
     assert wait_status(qdb, doomed_id, FINISHED) == UploadStatus.FAILED
     assert wait_status(qdb, after_id, FINISHED) == UploadStatus.COMPLETE  # the queue moved on
