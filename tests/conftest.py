@@ -74,6 +74,9 @@ def database_url(postgres_url: str) -> Iterator[str]:
     rendered = url.render_as_string(hide_password=False)
     migrate.upgrade(rendered)
     yield rendered
+    from workers import heartbeat
+
+    heartbeat.stop_all(retire=False)  # the in-process runtimes' (tests that made a Runtime), before the drop
     drop_database(url)
 
 

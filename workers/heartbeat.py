@@ -11,11 +11,15 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 
 from models import liveness
 from models.db import Database
 
 log = logging.getLogger(__name__)
+
+#: This process's running heartbeats (stop_all).
+_running: weakref.WeakSet[Heartbeat] = weakref.WeakSet()
 
 
 class Heartbeat:
@@ -35,6 +39,7 @@ class Heartbeat:
         """The first beat now (a database error propagates: nothing may be claimed without it)."""
         self._beat()
         self._thread.start()
+        _running.add(self)
         return self
 
     def healthy_for(self) -> float:
@@ -55,6 +60,7 @@ class Heartbeat:
 
     def stop(self, retire: bool = True) -> None:
         """Stop beating; with `retire`, mark the process dead now (a graceful exit)."""
+        _running.discard(self)
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=10)
@@ -91,3 +97,9 @@ class Heartbeat:
         if self._failing:
             log.warning("heartbeat works again")
             self._failing = False
+
+
+def stop_all(retire: bool = True) -> None:
+    """Stop every heartbeat this process runs (e.g. before its database goes away)."""
+    for beat in list(_running):
+        beat.stop(retire)

@@ -7,6 +7,7 @@ import json
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,19 +23,27 @@ AUTH = "ops:correct-horse-battery"
 
 
 @pytest.fixture
-def worker(workdir: Path, service_env: dict[str, str]) -> Iterator[services.Server]:
+def flower_env(service_env: dict[str, str]) -> Iterator[dict[str, str]]:
+    """A queue of its own: no other test's worker (which sends no task events) takes its parts."""
+    queue = f"flower-{uuid.uuid4().hex[:8]}"
+    yield dict(service_env, S3FERRY_QUEUE=queue)
+    services.purge_queue(service_env["S3FERRY_BROKER_URL"], queue)
+
+
+@pytest.fixture
+def worker(workdir: Path, flower_env: dict[str, str]) -> Iterator[services.Server]:
     """A worker that sends task events from its start (S3FERRY_TASK_EVENTS, as compose and the
     Kubernetes manifests set it beside Flower): workers send none unless asked."""
-    server = services.start_worker(workdir, dict(service_env, S3FERRY_TASK_EVENTS="1"), "worker", concurrency=2)
+    server = services.start_worker(workdir, dict(flower_env, S3FERRY_TASK_EVENTS="1"), "worker", concurrency=2)
     with services.running(server):
         yield server
 
 
 @pytest.fixture
-def flower(worker, service_env: dict[str, str], tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def flower(worker, flower_env: dict[str, str], tmp_path: Path) -> Iterator[str]:  # type: ignore[no-untyped-def]
     port = services.free_port()
     log = tmp_path / "flower.log"
-    with serving(["flower", f"--port={port}"], dict(service_env, S3FERRY_FLOWER_BASIC_AUTH=AUTH), port, log) as url:
+    with serving(["flower", f"--port={port}"], dict(flower_env, S3FERRY_FLOWER_BASIC_AUTH=AUTH), port, log) as url:
         yield url
     assert "correct-horse-battery" not in log.read_text(errors="replace")  # never logged
 
@@ -51,7 +60,7 @@ def get(url: str, auth: str | None) -> tuple[int, str]:
 
 
 def test_flower_shows_the_workers_and_their_tasks_only_with_credentials(  # type: ignore[no-untyped-def]
-        flower: str, worker, service_env, bucket, tmp_path: Path) -> None:
+        flower: str, worker, flower_env, bucket, tmp_path: Path) -> None:
     assert get(f"{flower}/api/workers", None)[0] == 401
     assert get(f"{flower}/api/workers", "ops:wrong")[0] == 401
     assert get(f"{flower}/", None)[0] == 401
@@ -67,7 +76,7 @@ def test_flower_shows_the_workers_and_their_tasks_only_with_credentials(  # type
 
     source = tmp_path / "f.bin"
     write_random(source, 11 * MiB)
-    assert run_cli(["upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB"], service_env).returncode == 0
+    assert run_cli(["upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB"], flower_env).returncode == 0
     deadline = time.monotonic() + 30
     while True:
         status, body = get(f"{flower}/api/tasks?limit=1000", AUTH)
