@@ -530,9 +530,16 @@ def _build(to: PartStatus, guard: sa.ColumnElement[bool], values: dict[str, obje
     # PostgreSQL: the snapshot, the guarded UPDATE of that very row version, the event, in one statement.
     version = sa.literal_column(f"{_PARTS.name}.ctid")
     seen = before.add_columns(version.label("row_version")).cte("before")
+    # The row version says "the row the guard saw"; its columns say it again, because PostgreSQL
+    # re-checks a concurrently updated row against the WHERE clause, and some versions (TidRecheck,
+    # before the 2025 fix) skip the ctid condition when the plan is a TID scan: the columns every
+    # move and lease renewal changes are compared as ordinary conditions, which are re-checked.
+    unchanged = sa.and_(Part.status == seen.c.status, Part.attempts == seen.c.attempts,
+                        *(getattr(Part, name).is_not_distinct_from(getattr(seen.c, name))
+                          for name in ("worker", "holder", "lease_expires_at", "etag")))
     moved = (sa.update(_PARTS)
              .where(Part.upload_id == seen.c.upload_id, Part.part_number == seen.c.part_number,
-                    version == seen.c.row_version, seen.c.movable)
+                    version == seen.c.row_version, unchanged, seen.c.movable)
              .values(status=to, **values).returning(*_PARTS.c).cte("moved"))
     columns = ["upload_id", "part_number", "from_status", "to_status", "reason", "at"]
     event = sa.insert(_EVENTS).from_select(columns, sa.select(

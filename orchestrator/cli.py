@@ -470,7 +470,8 @@ def _refuse_local(settings: Settings, command: str) -> None:
 #: How often a waiting command looks at the upload when nothing told it that it moved: the
 #: progress bar's pace, and single-machine mode's tending of its worker.
 LOOK_SECONDS = 1.0
-#: At most this often on news (a fleet's NOTIFY per part): the bar need not redraw for each.
+#: News (a NOTIFY, the finishing worker's push) is looked at at once, but at most this often:
+#: a burst of it need not redraw the bar for each.
 REDRAW_SECONDS = 0.25
 
 
@@ -481,7 +482,7 @@ def wait(db: Database, upload_id: uuid.UUID, interval: float = LOOK_SECONDS, hom
     from orchestrator import operations, progress
 
     tty = sys.stderr.isatty()
-    last_line = 0.0
+    last_line = woken = 0.0
     waiter = progress.Waiter(db, upload_id, redis=_progress_redis(home))
     try:
         while True:
@@ -497,7 +498,10 @@ def wait(db: Database, upload_id: uuid.UUID, interval: float = LOOK_SECONDS, hom
             if snap.finished:
                 break
             if waiter.wait(interval):
-                time.sleep(max(0.0, REDRAW_SECONDS - (time.monotonic() - looked)))
+                since = time.monotonic() - woken
+                if since < REDRAW_SECONDS:
+                    time.sleep(REDRAW_SECONDS - since)
+                woken = time.monotonic()
     except KeyboardInterrupt:
         if home is not None:
             # Paused, so that no other command's worker goes on with it and it does not hold

@@ -98,7 +98,7 @@ def _hand_on_claims(db: Database, queue: str, redis: Redis | None) -> dict[uuid.
     with db.transaction() as session:
         lapsed = session.execute(
             sa.select(Part.upload_id, Part.part_number, Part.worker, Part.holder, Upload.endpoint_url,
-                      Upload.bucket, Upload.status).join(Upload)
+                      Upload.bucket, Upload.status, liveness.dead(Part.holder).label("holder_dead")).join(Upload)
             .where(Upload.queue == queue, Part.status == PartStatus.IN_FLIGHT,
                    sa.not_(transitions.live_claim(judge=True)))
             .order_by(Part.upload_id, Part.part_number)
@@ -107,7 +107,9 @@ def _hand_on_claims(db: Database, queue: str, redis: Redis | None) -> dict[uuid.
     for upload_id in sorted({row.upload_id for row in lapsed}):
         rows = [row for row in lapsed if row.upload_id == upload_id]
         if redis is not None:
-            _free_slots(redis, rows)
+            # Only a dead process's slots: a live one whose lease ran out on one part (a hung
+            # send) still holds slots for its other parts; its slot's own lease frees that one.
+            _free_slots(redis, [row for row in rows if row.holder_dead])
         numbers = [row.part_number for row in rows]
         if rows[0].status == UploadStatus.IN_PROGRESS:
             scheduler.dispatch(upload_id, numbers, recovered=True)

@@ -181,7 +181,7 @@ class Window:
         lim = self.limits
         granted, epoch, _used, size = self._acquire(
             keys=[*self.keys[:2], INDEX],
-            args=[token, lim.initial, lim.low, lim.high, int(lim.lease_seconds * 1000), self.endpoint, self.bucket,
+            args=[token, start_size(lim), lim.low, lim.high, int(lim.lease_seconds * 1000), self.endpoint, self.bucket,
                   TTL_SECONDS * 1000])
         return Slot(token, int(epoch), int(size)) if granted else None
 

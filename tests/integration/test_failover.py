@@ -239,6 +239,37 @@ def test_a_dead_holder_is_released_at_once_and_a_live_one_never(  # type: ignore
         transitions.fail_upload(session, upload_id, "test over")
 
 
+def test_the_pass_frees_a_dead_processs_window_slots_and_not_a_live_ones(  # type: ignore[no-untyped-def]
+        db: Database, service_env: dict, tmp_path: Path, bucket: str, monkeypatch) -> None:
+    """A dead holder's slots go back to the window at once; a live process whose lease ran out on
+    one part (a hung send) keeps the slots of its other parts: the window never holds more than
+    its size."""
+    from workers import window
+
+    settings, upload_id = _started(db, tmp_path, bucket, parts=2)
+    with db.transaction() as session:
+        transitions.claim_part(session, upload_id, 1, "dead:1:1", 120)
+        transitions.claim_part(session, upload_id, 2, "alive:1:1", 120)
+        session.execute(sa.update(Part).where(Part.upload_id == upload_id, Part.part_number == 2)
+                        .values(lease_expires_at=clock.now(-1)))  # its lease ran out; its process lives
+        liveness.beat(session, "dead:1:1", -1)
+        liveness.beat(session, "alive:1:1", 60)
+        endpoint = queries.get_upload(session, upload_id).endpoint_url
+    client = window.client_from_url(settings.result_backend)
+    shared = window.Window(client, endpoint, bucket, window.Limits(initial=4, low=1, high=4))
+    try:
+        assert all(shared.try_acquire(t) for t in ("dead:1:1:slot:a", "alive:1:1:slot:b", "alive:1:1:slot:c"))
+        monkeypatch.setattr(scheduler, "dispatch", lambda u, parts, recovered: None)
+        done = failover.run(settings, db, "judge:1:1", judge=True, reconcile=False, redis=client)
+        assert done.redispatched == {upload_id: [1, 2]}
+        assert shared.state().in_flight == 2  # the live process's two slots
+    finally:
+        with db.transaction() as session:
+            transitions.fail_upload(session, upload_id, "test over")
+        client.delete(*shared.keys)
+        client.close()
+
+
 def test_two_workers_on_one_host_with_rabbitmq(rabbitmq_env: dict[str, str], tmp_path: Path) -> None:
     """Each `s3ferry worker` is a Celery node of its own (not both `celery@HOST`, whose pidbox queue
     RabbitMQ gives to the first alone: the second used to die at start with ResourceLocked)."""
