@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import sqlalchemy as sa
 
@@ -75,6 +76,21 @@ def in_background(args: list[str], env: dict[str, str], home: Path) -> Iterator[
         process.kill()
         process.wait()
         db.dispose()
+
+
+@contextlib.contextmanager
+def frozen_worker(command: subprocess.Popen[str]) -> Iterator[None]:
+    """The command's worker stopped (SIGSTOP): its upload stays where it is, and the command
+    running, however fast the machine; continued (SIGCONT) after, whatever happens."""
+    children = psutil.Process(command.pid).children(recursive=True)
+    for child in children:
+        child.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(signal.SIGCONT)
 
 
 def uploads(home: Path) -> list[Upload]:
@@ -174,7 +190,9 @@ def test_ctrl_c_stops_the_command_and_the_same_command_resumes(local_env, s3, bu
     args = ["upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB", "--concurrency", "1"]
     with in_background(args, local_env, home) as (first, db):
         wait_until(lambda: _done(db) >= 2, timeout=120)
-        first.send_signal(signal.SIGINT)
+        with frozen_worker(first):  # the upload cannot end before the Ctrl-C has paused it
+            first.send_signal(signal.SIGINT)
+            wait_until(lambda: uploads(home)[0].status == UploadStatus.PAUSED, timeout=60)
         _, err = first.communicate(timeout=60)
         assert first.returncode == 130, err
         assert "is paused. Run the same command again to resume it" in err
@@ -205,7 +223,9 @@ def test_a_command_with_other_aws_settings_is_refused_beside_a_running_one(  # t
                        local_env, home) as (first, db):
         wait_until(lambda: _done(db) >= 1, timeout=120)
 
-        run = run_cli(["upload", str(source), f"s3://{bucket}/g.bin"], dict(local_env, AWS_ACCESS_KEY_ID="someone-else"))
+        with frozen_worker(first):
+            run = run_cli(["upload", str(source), f"s3://{bucket}/g.bin"],
+                          dict(local_env, AWS_ACCESS_KEY_ID="someone-else"))
 
         assert run.returncode == 2
         assert run.stderr.startswith("s3ferry: error: another s3ferry command is uploading from this data folder "
