@@ -16,8 +16,8 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
-import psutil
 import pytest
 import sqlalchemy as sa
 
@@ -26,6 +26,7 @@ from models.settings import broker_socket, local_urls
 from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload
 from tests.conftest import sha256_of_object, write_random
+from tests.faults import FlakyProxy
 from tests.integration.helpers import MiB, S3FERRY, claims_per_part, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
@@ -76,21 +77,6 @@ def in_background(args: list[str], env: dict[str, str], home: Path) -> Iterator[
         process.kill()
         process.wait()
         db.dispose()
-
-
-@contextlib.contextmanager
-def frozen_worker(command: subprocess.Popen[str]) -> Iterator[None]:
-    """The command's worker stopped (SIGSTOP): its upload stays where it is, and the command
-    running, however fast the machine; continued (SIGCONT) after, whatever happens."""
-    children = psutil.Process(command.pid).children(recursive=True)
-    for child in children:
-        child.send_signal(signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for child in children:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                child.send_signal(signal.SIGCONT)
 
 
 def uploads(home: Path) -> list[Upload]:
@@ -183,17 +169,20 @@ def test_a_command_takes_over_from_one_killed_beside_it(local_env, s3, bucket, h
             assert sha256_of_object(s3, bucket, f"{name}.bin") == digests[name]
 
 
-def test_ctrl_c_stops_the_command_and_the_same_command_resumes(local_env, s3, bucket, home: Path,  # type: ignore[no-untyped-def]
-                                                               tmp_path: Path) -> None:
+def test_ctrl_c_stops_the_command_and_the_same_command_resumes(local_env, s3, s3_endpoint: str, bucket,  # type: ignore[no-untyped-def]
+                                                               home: Path, tmp_path: Path) -> None:
     source = tmp_path / "f.bin"
     sha256 = write_random(source, 60 * MiB)
     args = ["upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB", "--concurrency", "1"]
-    with in_background(args, local_env, home) as (first, db):
+    upstream = urlparse(s3_endpoint)
+    link = FlakyProxy(upstream.hostname, upstream.port)
+    link.limit(4 * MiB)  # the upload lasts at least 15 s, however fast the machine: the Ctrl-C comes mid-way
+    slow_env = dict(local_env, AWS_ENDPOINT_URL=link.url)
+    with contextlib.closing(link), in_background(args, slow_env, home) as (first, db):
         wait_until(lambda: _done(db) >= 2, timeout=120)
-        with frozen_worker(first):  # the upload cannot end before the Ctrl-C has paused it
-            first.send_signal(signal.SIGINT)
-            wait_until(lambda: uploads(home)[0].status == UploadStatus.PAUSED, timeout=60)
+        first.send_signal(signal.SIGINT)
         _, err = first.communicate(timeout=60)
+        link.limit(None)
         assert first.returncode == 130, err
         assert "is paused. Run the same command again to resume it" in err
         assert not os.path.exists(broker_socket(str(home)))  # it stopped what it started
@@ -208,7 +197,7 @@ def test_ctrl_c_stops_the_command_and_the_same_command_resumes(local_env, s3, bu
         assert sha256_of_object(s3, bucket, "other.bin") == other_sha
         assert uploads(home)[0].status == UploadStatus.PAUSED and _done(db) == done + 1
 
-        again = run_cli(args, local_env)
+        again = run_cli(args, slow_env)
 
         assert again.returncode == 0, again.stderr
         assert f"resuming upload {stopped.id}" in again.stderr
@@ -216,17 +205,22 @@ def test_ctrl_c_stops_the_command_and_the_same_command_resumes(local_env, s3, bu
 
 
 def test_a_command_with_other_aws_settings_is_refused_beside_a_running_one(  # type: ignore[no-untyped-def]
-        local_env, s3, bucket, home: Path, tmp_path: Path) -> None:
+        local_env, s3, s3_endpoint: str, bucket, home: Path, tmp_path: Path) -> None:
     source = tmp_path / "f.bin"
     write_random(source, 60 * MiB)
-    with in_background(["upload", str(source), f"s3://{bucket}/f.bin", "--part-size", "5MiB", "--concurrency", "1"],
-                       local_env, home) as (first, db):
+    upstream = urlparse(s3_endpoint)
+    link = FlakyProxy(upstream.hostname, upstream.port)
+    link.limit(2 * MiB)  # the first upload lasts at least 30 s, however fast the machine
+    slow_env = dict(local_env, AWS_ENDPOINT_URL=link.url)
+    with contextlib.closing(link), in_background(["upload", str(source), f"s3://{bucket}/f.bin", "--part-size",
+                                                  "5MiB", "--concurrency", "1"], slow_env, home) as (first, db):
         wait_until(lambda: _done(db) >= 1, timeout=120)
 
-        with frozen_worker(first):
-            run = run_cli(["upload", str(source), f"s3://{bucket}/g.bin"],
-                          dict(local_env, AWS_ACCESS_KEY_ID="someone-else"))
+        run = run_cli(["upload", str(source), f"s3://{bucket}/g.bin"],
+                      dict(slow_env, AWS_ACCESS_KEY_ID="someone-else"))
 
+        assert first.poll() is None  # (still uploading: the refusal is because of it)
+        link.limit(None)
         assert run.returncode == 2
         assert run.stderr.startswith("s3ferry: error: another s3ferry command is uploading from this data folder "
                                      "with other AWS settings") and run.stderr.count("\n") == 1
