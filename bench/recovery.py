@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -90,6 +91,8 @@ def stack(work: Path, **settings: str) -> Iterator[tuple[dict[str, str], FlakyPr
     env = {"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "b",
            "AWS_SECRET_ACCESS_KEY": "b", "AWS_REGION": "us-east-1", "S3FERRY_DATABASE_URL": db_url,
            "S3FERRY_BROKER_URL": f"{redis_url}/0", "S3FERRY_RESULT_BACKEND": f"{redis_url}/1",
+           # what the workers may read and where they may send (a fleet refuses everything without)
+           "S3FERRY_SOURCE_ROOTS": os.path.realpath(work), "S3FERRY_BUCKETS": "bench",
            **{f"S3FERRY_{name.upper()}": value for name, value in settings.items()}}
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="b",
                  aws_secret_access_key="b").create_bucket(Bucket="bench")
