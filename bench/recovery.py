@@ -80,30 +80,29 @@ def stack(work: Path, **settings: str) -> Iterator[tuple[dict[str, str], FlakyPr
     """moto behind a 20 MiB/s proxy, a Redis, a fresh database and the bucket `bench`; yields the
     environment of s3ferry commands (with `settings`: S3FERRY_* names without the prefix), the
     proxy and the database. Everything is stopped at the end."""
-    moto, endpoint = services.start_moto(work)
-    redis_server, redis_url = services.start_redis(work)
-    upstream = urlparse(endpoint)
-    proxy = FlakyProxy(upstream.hostname, upstream.port)
-    proxy.limit(20 * MiB)
-    db_url = sa.make_url("postgresql+psycopg://postgres@127.0.0.1:5432/postgres").set(
-        database=f"s3ferry_recovery_{uuid.uuid4().hex[:8]}").render_as_string(hide_password=False)
-    migrate.upgrade(db_url)
-    env = {"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "b",
-           "AWS_SECRET_ACCESS_KEY": "b", "AWS_REGION": "us-east-1", "S3FERRY_DATABASE_URL": db_url,
-           "S3FERRY_BROKER_URL": f"{redis_url}/0", "S3FERRY_RESULT_BACKEND": f"{redis_url}/1",
-           # what the workers may read and where they may send (a fleet refuses everything without)
-           "S3FERRY_SOURCE_ROOTS": os.path.realpath(work), "S3FERRY_BUCKETS": "bench",
-           **{f"S3FERRY_{name.upper()}": value for name, value in settings.items()}}
-    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="b",
-                 aws_secret_access_key="b").create_bucket(Bucket="bench")
-    db = Database(db_url)
-    try:
+    with contextlib.ExitStack() as stopping:  # whatever started is stopped, even if a later step fails
+        moto, endpoint = services.start_moto(work)
+        stopping.callback(moto.stop)
+        redis_server, redis_url = services.start_redis(work)
+        stopping.callback(redis_server.stop)
+        upstream = urlparse(endpoint)
+        proxy = FlakyProxy(upstream.hostname, upstream.port)
+        stopping.callback(proxy.close)
+        proxy.limit(20 * MiB)
+        db_url = sa.make_url("postgresql+psycopg://postgres@127.0.0.1:5432/postgres").set(
+            database=f"s3ferry_recovery_{uuid.uuid4().hex[:8]}").render_as_string(hide_password=False)
+        migrate.upgrade(db_url)
+        env = {"PATH": "/usr/bin:/bin", "AWS_ENDPOINT_URL": proxy.url, "AWS_ACCESS_KEY_ID": "b",
+               "AWS_SECRET_ACCESS_KEY": "b", "AWS_REGION": "us-east-1", "S3FERRY_DATABASE_URL": db_url,
+               "S3FERRY_BROKER_URL": f"{redis_url}/0", "S3FERRY_RESULT_BACKEND": f"{redis_url}/1",
+               # what the workers may read and where they may send (a fleet refuses everything without)
+               "S3FERRY_SOURCE_ROOTS": os.path.realpath(work), "S3FERRY_BUCKETS": "bench",
+               **{f"S3FERRY_{name.upper()}": value for name, value in settings.items()}}
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="b",
+                     aws_secret_access_key="b").create_bucket(Bucket="bench")
+        db = Database(db_url)
+        stopping.callback(db.dispose)
         yield env, proxy, db
-    finally:
-        db.dispose()
-        proxy.close()
-        redis_server.stop()
-        moto.stop()
 
 
 def upload(env: dict[str, str], source: Path, *flags: str) -> uuid.UUID:

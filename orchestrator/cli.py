@@ -574,6 +574,12 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     os.environ.setdefault("REMAP_SIGTERM", "SIGQUIT")
     from workers.app import app
 
+    after = os.environ.pop("S3FERRY_START_AFTER", None)
+    if parent and after:  # started while its command sets up: imported, it waits for the go
+        from orchestrator import local
+
+        local.wait_for_file(after, local.START_WAIT_SECONDS)
+
     if settings.presigned:
         from workers import window
 

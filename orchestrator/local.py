@@ -57,6 +57,10 @@ log = logging.getLogger(__name__)
 #: points at its log.
 MAX_RESTARTS = 3
 RESTART_WINDOW = 60.0
+#: A command's worker started before the command joined its data folder waits for this file.
+START_AFTER = "S3FERRY_START_AFTER"
+#: How long it waits for it (the command kills it if it fails to join; this is for the rest).
+START_WAIT_SECONDS = 120.0
 #: How long a worker gets to finish the parts it is sending when the command is done.
 WARM_STOP_SECONDS = 30.0
 COLD_STOP_SECONDS = 10.0
@@ -100,6 +104,12 @@ class Home:
         from models.db import Database
 
         self._check_folder()
+        # The worker's start (a second or two of imports) overlaps ours: it waits for our session
+        # file, written once the broker runs and dead commands' leftovers are cleared. Not when
+        # the state file needs migrating: it would read a schema that is about to change.
+        early = bool(workers) and self._schema_noted()
+        if early:
+            self.start_worker(workers, after=self.path / "sessions" / self.token)
         with self._locked():
             self._migrate()
             self.db = Database(self.settings.database_url)
@@ -108,7 +118,7 @@ class Home:
             self._ensure_broker()
             orphans = self._recover(alive, dead)
             self._join()
-        if workers:
+        if workers and not early:
             self.start_worker(workers)
         self._dispatch_again(orphans, "took over from an s3ferry command that died")
         return self
@@ -370,9 +380,12 @@ class Home:
         """The start of our worker's ids (workers/runtime.py: host:token:pid)."""
         return f"{socket.gethostname()}:{self.token}:"
 
-    def start_worker(self, concurrency: int) -> None:
-        """Run `s3ferry worker` (threads, `concurrency` parts at once) as our child."""
-        env = {key: value for key, value in os.environ.items() if key != "REMAP_SIGTERM"}
+    def start_worker(self, concurrency: int, after: Path | None = None) -> None:
+        """Run `s3ferry worker` (threads, `concurrency` parts at once) as our child; with `after`,
+        it connects to nothing before that file exists (it imports meanwhile)."""
+        env = {key: value for key, value in os.environ.items() if key not in ("REMAP_SIGTERM", START_AFTER)}
+        if after is not None:
+            env[START_AFTER] = str(after)
         env.update(S3FERRY_DATABASE_URL=self.settings.database_url, S3FERRY_BROKER_URL=self.settings.broker_url,
                    S3FERRY_RESULT_BACKEND=self.settings.result_backend, S3FERRY_NODE_TOKEN=self.token,
                    S3FERRY_PARENT_PID=str(os.getpid()),
@@ -465,6 +478,9 @@ def attach(settings: Settings, workers: int = 0) -> Iterator[Home | None]:
     except BaseException:
         if home._session is not None:  # joined, then failed: leave again
             home.close(graceful=False)
+        elif home.worker is not None:  # started early, still waiting for us to join: it touched nothing
+            home.worker.kill()
+            home.worker.wait()
         raise
     graceful = False
     try:
@@ -542,6 +558,17 @@ def interrupt_on_termination() -> None:
 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, interrupt)
+
+
+def wait_for_file(path: str, seconds: float) -> None:
+    """Until `path` exists (a worker started early waits for its command to join); UserError after
+    `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise UserError(f"the command that started this worker did not join its data folder ({path} "
+                            f"missing after {seconds:.0f} s)")
+        time.sleep(0.01)
 
 
 def die_with_parent(parent: int) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
 import pytest
 import sqlalchemy as sa
 
@@ -77,6 +78,16 @@ def in_background(args: list[str], env: dict[str, str], home: Path) -> Iterator[
         process.kill()
         process.wait()
         db.dispose()
+
+
+def workers_of(home: Path) -> list[psutil.Process]:
+    """The running workers of the commands of this data folder."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if "worker" in (process.info["cmdline"] or []) and process.environ().get("S3FERRY_HOME") == str(home):
+                found.append(process)
+    return found
 
 
 def uploads(home: Path) -> list[Upload]:
@@ -220,6 +231,7 @@ def test_a_command_with_other_aws_settings_is_refused_beside_a_running_one(  # t
                       dict(slow_env, AWS_ACCESS_KEY_ID="someone-else"))
 
         assert first.poll() is None  # (still uploading: the refusal is because of it)
+        assert len(workers_of(home)) == 1  # the refused command's worker (started early) went with it
         link.limit(None)
         assert run.returncode == 2
         assert run.stderr.startswith("s3ferry: error: another s3ferry command is uploading from this data folder "
