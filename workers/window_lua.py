@@ -51,6 +51,23 @@ local function move(key, w, signal, held, used, epoch_then, sent, low, high, pro
 end
 
 -- Wake up to `free` waiters (each release pushes one token per free slot).
+-- The window's size: a new window starts at `initial`; a size outside the limits (they changed)
+-- is brought within them.
+local function current(key, initial, low, high, endpoint, bucket, now)
+  local w = tonumber(redis.call('HGET', key, 'window'))
+  if not w then
+    w = initial
+    redis.call('HSET', key, 'window', w, 'epoch', 0, 'endpoint', endpoint, 'bucket', bucket,
+               'changed_ms', now, 'reason', 'start')
+  end
+  local clamped = math.max(low, math.min(high, w))
+  if clamped ~= w then
+    w = clamped
+    redis.call('HSET', key, 'window', w, 'changed_ms', now, 'reason', 'limits')
+  end
+  return w
+end
+
 local function wake(key, free, high, ttl)
   if free > 0 then
     for i = 1, free do redis.call('LPUSH', key, 1) end
@@ -60,22 +77,11 @@ local function wake(key, free, high, ttl)
 end
 """
 
-ACQUIRE = """
-local now_t = redis.call('TIME')
-local now = now_t[1] * 1000 + math.floor(now_t[2] / 1000)
+ACQUIRE = COMMON + """
+local now = now_ms()
 local token, initial, low, high, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-local w = tonumber(redis.call('HGET', KEYS[1], 'window'))
-if not w then
-  w = initial
-  redis.call('HSET', KEYS[1], 'window', w, 'epoch', 0, 'endpoint', ARGV[6], 'bucket', ARGV[7],
-             'changed_ms', now, 'reason', 'start')
-end
-local clamped = math.max(low, math.min(high, w))
-if clamped ~= w then
-  w = clamped
-  redis.call('HSET', KEYS[1], 'window', w, 'changed_ms', now, 'reason', 'limits')
-end
+local w = current(KEYS[1], initial, low, high, ARGV[6], ARGV[7], now)
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch')) or 0
 local used = redis.call('ZCARD', KEYS[2])
 local granted = 0
@@ -133,17 +139,7 @@ for _, holder in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
     redis.call('HDEL', KEYS[6], holder)
   end
 end
-local w = tonumber(redis.call('HGET', KEYS[1], 'window'))
-if not w then
-  w = a.initial
-  redis.call('HSET', KEYS[1], 'window', w, 'epoch', 0, 'endpoint', a.endpoint, 'bucket', a.bucket,
-             'changed_ms', now, 'reason', 'start')
-end
-local clamped = math.max(low, math.min(high, w))
-if clamped ~= w then
-  w = clamped
-  redis.call('HSET', KEYS[1], 'window', w, 'changed_ms', now, 'reason', 'limits')
-end
+local w = current(KEYS[1], a.initial, low, high, a.endpoint, a.bucket, now)
 local before = math.floor(w)
 local changes = {}
 local parked = {}
