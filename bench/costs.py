@@ -48,7 +48,7 @@ import redis
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.peers import BOTO3_SCRIPT, BUCKET, Discard, Moto, bench_env, client, start  # noqa: E402
+from bench.peers import BOTO3_SCRIPT, BUCKET, Discard, Moto, bench_env, client, compile_tree, start  # noqa: E402
 from bench.scale import NOOP_APP, stop  # noqa: E402
 from models.settings import MiB, parse_size  # noqa: E402
 from orchestrator.demo import write_random  # noqa: E402
@@ -109,8 +109,10 @@ def main() -> int:
 
 
 def tree_env(tree: Path, env: dict[str, str]) -> dict[str, str]:
-    """`env` with the tree first on the path (the commands run as `python -m orchestrator.cli`)."""
-    return dict(env, PYTHONPATH=str(tree))
+    """`env` with the tree first on the path (the commands run as `python -m orchestrator.cli`), its
+    code compiled once (see peers.compile_tree)."""
+    compile_tree(tree)
+    return {**{k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}, "PYTHONPATH": str(tree)}
 
 
 def cli(*args: str) -> list[str]:

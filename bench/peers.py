@@ -877,6 +877,12 @@ def orchestration(work: Path, env: dict[str, str], port: int, parts: int, concur
     return summary
 
 
+def compile_tree(tree: Path) -> None:
+    """Byte-compile s3ferry's packages in `tree`, as pip does for an installed package."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *(str(tree / p) for p in ("models", "orchestrator",
+                                                                                        "workers"))], check=True)
+
+
 def bench_env(endpoint: str, database: str = "s3ferry_bench", fresh: bool = True, queue: str = "s3ferry-bench",
               redis_db: int = 9, tree: Path | None = None) -> dict[str, str]:
     """The environment of a benchmark's s3ferry commands and workers; `fresh`: an empty database and
@@ -891,7 +897,11 @@ def bench_env(endpoint: str, database: str = "s3ferry_bench", fresh: bool = True
             connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
         admin.dispose()
     db_url = sa.make_url(pg).set(database=database).render_as_string(hide_password=False)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3FERRY_"))}
+    # PYTHONDONTWRITEBYTECODE (set in some shells and CI) would make every run compile s3ferry's
+    # modules anew, a cost no installed tool pays: the code is compiled once, here
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "S3FERRY_")) and k != "PYTHONDONTWRITEBYTECODE"}
+    compile_tree(tree or ROOT)
     if fresh:  # the broker db is the benchmark's own: its unacked messages are theirs too
         services.purge_queue(f"{redis_url}/{redis_db}", queue, "unacked", "unacked_index")
     env.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",

@@ -17,11 +17,12 @@ import re
 import sys
 import tempfile
 import time
+import threading
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from models.exceptions import S3FerryError, UserError
 from models.settings import Settings, format_size, parse_size
@@ -599,7 +600,6 @@ def _worker(args: argparse.Namespace, settings: Settings) -> int:
     except SystemExit as stop:
         code = stop.code
     _exit_now(code)
-    return 0  # (never reached)
 
 
 def run_celery_worker(app: Any, argv: list[str]) -> int:
@@ -628,7 +628,21 @@ def run_celery_worker(app: Any, argv: list[str]) -> int:
     return int(worker.exitcode or 0)
 
 
-def _exit_now(code: object) -> None:
+def run() -> NoReturn:
+    """The `s3ferry` command: main(), then the exit without interpreter teardown (see _exit_now):
+    after an upload, the teardown of what it loaded (SQLAlchemy, botocore's models, Celery) took
+    0.4 s of the command's wall time and CPU."""
+    try:
+        code: object = main()
+    except SystemExit as stop:  # argparse's usage errors and --help
+        code = stop.code
+    for thread in threading.enumerate():  # what the interpreter would wait for before exiting
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    _exit_now(code)
+
+
+def _exit_now(code: object) -> NoReturn:
     """Exit once the worker has stopped: the exit handlers (claims released, liveness retired,
     slots given back) and the logs' flush, then no interpreter teardown. Its last garbage
     collection of everything the worker loaded (botocore's models, SQLAlchemy, Celery) took
@@ -794,4 +808,4 @@ def _db_check(args: argparse.Namespace, settings: Settings) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()
