@@ -54,6 +54,12 @@ def events(session: orm.Session, upload_id: uuid.UUID) -> Sequence[UploadEvent]:
                            .order_by(UploadEvent.id)).all()
 
 
+def last_part_finished(session: orm.Session, upload_id: uuid.UUID) -> dt.datetime | None:
+    """When the upload's last part landed (None: none has)."""
+    return session.scalar(sa.select(sa.func.max(Part.finished_at)).where(
+        Part.upload_id == upload_id, Part.status == PartStatus.DONE))
+
+
 def bytes_finished_since(session: orm.Session, upload_id: uuid.UUID, since: dt.datetime) -> int:
     """Bytes of the parts that landed since `since` (the recent rate of an upload)."""
     return int(session.scalar(sa.select(sa.func.coalesce(sa.func.sum(Part.size), 0)).where(

@@ -44,7 +44,7 @@ WATCHED = (UploadStatus.QUEUED, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETIN
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR if args.quiet else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s" if args.verbose
                         else "s3ferry: %(message)s")
     if not args.verbose and args.command != "worker":  # these commands print the reconciler's reports
@@ -74,15 +74,65 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with errors on one line (the usage block is for --help)."""
+
+    def error(self, message: str) -> NoReturn:
+        message = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (`{self.prog} --help` shows the usage)\n")
+
+
+class _Version(argparse.Action):
+    """--version, the installed distribution's version (looked up only when asked)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS,
+                 default: str = argparse.SUPPRESS, help: str | None = None) -> None:  # noqa: A002
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> NoReturn:
+        print(f"s3ferry {version()}")
+        parser.exit()
+
+
+def version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("s3ferry")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown (not installed)"
+
+
+def _common(default: object) -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name (`s3ferry -v ls`, `s3ferry ls -v`).
+    The commands' own take SUPPRESS as their default, so that they keep the top-level's value
+    (parents share their actions: each gets a parser of its own)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=default, help="log what happens (INFO)")
+    common.add_argument("-q", "--quiet", action="store_true", default=default,
+                        help="print errors and the results asked for only: no progress, no notes")
+    return common
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="s3ferry", description=(
-        "Resumable, distributed uploads of very large files to S3-compatible storage."))
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO)")
+    common = _common(argparse.SUPPRESS)
+    parser = _Parser(prog="s3ferry", parents=[_common(False)], description=(
+        "Resumable, distributed uploads of very large files to S3-compatible storage."), epilog=(
+        "exit status: 0 done; 1 the upload (or the command) failed; 2 bad input or settings, "
+        "nothing changed; 130 interrupted"))
+    parser.set_defaults(json=False)
+    parser.add_argument("--version", action=_Version, help="print the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_parser = commands.add_parser
+
+    def add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return _add_parser(name, parents=[common], **kwargs)
+    commands.add_parser = add_parser  # type: ignore[method-assign]
 
     upload = commands.add_parser("upload", help="upload a file to s3://bucket/key")
     upload.add_argument("source", help="path of the file to upload")
-    upload.add_argument("destination", help="s3://bucket/key (a key ending in / gets the file's name)")
+    upload.add_argument("destination", help="s3://bucket/key; s3://bucket or a key ending in / gets the "
+                        "file's name")
     upload.add_argument("--part-size", type=_size, default=None,
                         help="part size, 5MiB..5GiB (default: S3FERRY_PART_SIZE or 32MiB)")
     upload.add_argument("--max-retries", type=_whole(0, 1000), default=None,
@@ -92,6 +142,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="print the upload id and return at once (needs a worker fleet)")
     upload.add_argument("--concurrency", "-c", type=_whole(1, MAX_CONCURRENCY), default=4,
                         help="single-machine mode: parts sent at once by this command's worker (default 4)")
+    upload.add_argument("--json", action="store_true", help="no progress; the final record (or, with "
+                        "--no-wait, the upload id) as one JSON object on stdout")
     upload.set_defaults(run=_upload)
 
     status = commands.add_parser("status", help="show an upload's progress")
@@ -104,13 +156,20 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("--no-wait", action="store_true", help="return at once (needs a worker fleet)")
     resume.add_argument("--concurrency", "-c", type=_whole(1, MAX_CONCURRENCY), default=4,
                         help="single-machine mode: parts sent at once by this command's worker (default 4)")
+    resume.add_argument("--json", action="store_true", help="no progress; the final record as JSON on stdout")
     resume.set_defaults(run=_resume)
 
     for name, text in (("pause", "no new part starts; parts in flight finish"),
                        ("cancel", "stop an upload and abort its multipart upload in S3"),
-                       ("retry", "queue a failed upload again, from its done parts, retry counters reset")):
+                       ("retry", "run a failed upload again, from its done parts, retry counters reset "
+                                 "(single-machine mode: and watch it, as resume does)")):
         command = commands.add_parser(name, help=text)
         command.add_argument("upload_id", type=_upload_id)
+        if name == "retry":
+            command.add_argument("--concurrency", "-c", type=_whole(1, MAX_CONCURRENCY), default=4,
+                                 help="single-machine mode: parts sent at once by this command's worker (default 4)")
+            command.add_argument("--json", action="store_true",
+                                 help="single-machine mode: no progress; the final record as JSON on stdout")
         command.set_defaults(run=_operation(name))
 
     priority = commands.add_parser("priority", help="set an upload's priority (higher runs first)")
@@ -121,10 +180,12 @@ def _parser() -> argparse.ArgumentParser:
     ls = commands.add_parser("ls", help="list uploads, newest first")
     ls.add_argument("--status", help="only uploads in this status")
     ls.add_argument("--limit", type=_whole(1, 1_000_000), default=50, help="at most this many (default 50)")
+    ls.add_argument("--json", action="store_true", help="a JSON array of the uploads")
     ls.set_defaults(run=_ls)
 
     watch = commands.add_parser("watch", help="live progress of uploads (default: all active and queued)")
     watch.add_argument("upload_ids", type=_upload_id, nargs="*", metavar="UPLOAD_ID")
+    watch.add_argument("--json", action="store_true", help="JSON lines on stdout: each look, one object per upload")
     watch.set_defaults(run=_watch)
 
     reconcile = commands.add_parser("reconcile", help="re-dispatch stalled uploads (all, or one by id)")
@@ -287,29 +348,46 @@ def _upload_with(args: argparse.Namespace, settings: Settings, home: local.Home 
     db = Database(settings.database_url)
     done = submit.submit(settings, db, args.source, args.destination, part_size=args.part_size,
                          max_retries=args.max_retries, priority=args.priority)
-    print(done.upload_id, flush=True)
+    if args.json and args.no_wait:
+        print(json.dumps({"id": str(done.upload_id), "resumed": done.resumed}), flush=True)
+    elif not args.json:
+        print(done.upload_id, flush=True)
     if done.resumed:
         snap = progress.snapshot(db, done.upload_id)
         if snap.status == UploadStatus.PAUSED and home is None:  # a fleet's paused upload: someone paused it
             raise UserError(f"upload {done.upload_id} of this file is paused: "
                             f"`s3ferry resume {done.upload_id}` continues it")
-        print(f"resuming upload {done.upload_id} of this file to {done.destination}: "
-              f"{snap.parts_done} of {snap.parts_total} parts already done", file=sys.stderr)
+        _note(args, f"resuming upload {done.upload_id} of this file to {done.destination}: "
+                    f"{snap.parts_done} of {snap.parts_total} parts already done")
         if snap.status == UploadStatus.PAUSED:  # on one machine, stopped by Ctrl-C (or paused): go on
-            print(f"s3ferry: {operations.resume(settings, db, done.upload_id)}", file=sys.stderr)
+            _note(args, f"s3ferry: {operations.resume(settings, db, done.upload_id)}")
         else:
-            print(f"s3ferry: {reconciler.reconcile(settings, db, done.upload_id)}", file=sys.stderr)
+            _note(args, f"s3ferry: {reconciler.reconcile(settings, db, done.upload_id)}")
     else:
         if done.plan.adjusted:
-            print(f"s3ferry: note: {done.plan.describe_adjustment()}", file=sys.stderr)
-        print(f"uploading {format_size(done.size)} to {done.destination} in {len(done.plan.parts)} part(s) "
-              f"of {format_size(done.plan.part_size)}", file=sys.stderr)
+            _note(args, f"s3ferry: note: {done.plan.describe_adjustment()}")
+        _note(args, f"uploading {format_size(done.size)} to {done.destination} in {len(done.plan.parts)} part(s) "
+                    f"of {format_size(done.plan.part_size)}")
         if progress.snapshot(db, done.upload_id).status == UploadStatus.QUEUED:
-            print("queued: it starts when a running upload finishes (`s3ferry ls` shows the queue)",
-                  file=sys.stderr)
+            _note(args, "queued: it starts when a running upload finishes (`s3ferry ls` shows the queue)")
     if args.no_wait:
+        snap = progress.snapshot(db, done.upload_id)
+        if snap.status == UploadStatus.FAILED:  # it failed as it started (CreateMultipartUpload refused)
+            print(f"s3ferry: upload failed: {snap.last_error}", file=sys.stderr)
+            return EXIT_FAILED
         return 0
-    return wait(db, done.upload_id, home=home)
+    return wait(db, done.upload_id, home=home, shown=_shown(args))
+
+
+def _note(args: argparse.Namespace, text: str) -> None:
+    """A note for people, on stderr: none with --quiet or --json."""
+    if not (args.quiet or args.json):
+        print(text, file=sys.stderr, flush=True)
+
+
+def _shown(args: argparse.Namespace) -> str:
+    """What wait() prints: 'json' (the final record on stdout), 'quiet' (errors only) or 'bar'."""
+    return "json" if args.json else "quiet" if args.quiet else "bar"
 
 
 def _resume(args: argparse.Namespace, settings: Settings) -> int:
@@ -317,15 +395,18 @@ def _resume(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator import local, operations, progress, submit
 
     db = Database(settings.database_url)
-    if progress.snapshot(db, args.upload_id).status == UploadStatus.COMPLETE:
-        print(f"upload {args.upload_id} is already complete", file=sys.stderr)
+    snap = progress.snapshot(db, args.upload_id)
+    if snap.status == UploadStatus.COMPLETE:
+        if args.json:
+            print(json.dumps(snap.as_dict()))
+        _note(args, f"upload {args.upload_id} is already complete")
         return 0
     if settings.local:
         _refuse_no_wait(args)
     with local.attach(settings, workers=args.concurrency) as home:
         submit.check_broker(settings)
-        print(f"s3ferry: {operations.resume(settings, db, args.upload_id)}", file=sys.stderr)
-        return 0 if args.no_wait else wait(db, args.upload_id, home=home)
+        _note(args, f"s3ferry: {operations.resume(settings, db, args.upload_id)}")
+        return 0 if args.no_wait else wait(db, args.upload_id, home=home, shown=_shown(args))
 
 
 def _operation(name: str):  # type: ignore[no-untyped-def]
@@ -334,11 +415,15 @@ def _operation(name: str):  # type: ignore[no-untyped-def]
         from orchestrator import local, operations, submit
 
         db = Database(settings.database_url)
+        if name == "retry" and settings.local:
+            # on one machine nothing runs an upload but a command: this one runs it, as resume does
+            with local.attach(settings, workers=args.concurrency) as home:
+                submit.check_broker(settings)
+                _note(args, f"s3ferry: {operations.retry(settings, db, args.upload_id)}")
+                return wait(db, args.upload_id, home=home, shown=_shown(args))
         with local.attach(settings):
             submit.check_broker(settings)  # each may start the next queued upload
             print(getattr(operations, name)(settings, db, args.upload_id))
-        if settings.local and name == "retry":
-            print(f"single-machine mode: `s3ferry resume {args.upload_id}` runs it", file=sys.stderr)
         return 0
     return run
 
@@ -356,6 +441,9 @@ def _ls(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator import operations
 
     uploads = operations.list_uploads(Database(settings.database_url), args.status, args.limit)
+    if args.json:
+        print(json.dumps([operations.describe(upload) for upload in uploads], indent=2))
+        return 0
     print(f"{'ID':36}  {'STATUS':11}  {'PRI':>3}  {'SIZE':>10}  {'CREATED':19}  DESTINATION")
     for upload in uploads:
         print(f"{str(upload.id):36}  {upload.status:11}  {upload.priority:>3}  "
@@ -365,11 +453,14 @@ def _ls(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _watch(args: argparse.Namespace, settings: Settings) -> int:
+    """Progress bars on stderr (a terminal: redrawn in place every second; else a line each 10 s),
+    or with --json a JSON line per upload per look on stdout; exit 0 once all complete, else 1."""
     from models.db import Database
     from orchestrator import operations, progress
 
     db = Database(settings.database_url)
-    tty = sys.stdout.isatty()
+    out = sys.stdout if args.json else sys.stderr
+    tty = out.isatty() and not args.json
     shown = 0
     seen: dict[uuid.UUID, None] = dict.fromkeys(args.upload_ids)
     try:
@@ -377,14 +468,17 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
             if not args.upload_ids:  # every upload seen active stays on screen until the end
                 seen.update(dict.fromkeys(u.id for u in operations.list_uploads(db, None, 1000)
                                           if u.status in WATCHED))
-            ids = list(seen)
-            snaps = [progress.snapshot(db, upload_id) for upload_id in ids]
-            lines = [f"{s.id[:8]} {s.status:11} {progress.render(s, width=20)}  {s.destination}" for s in snaps]
-            if tty and shown:
-                print(f"\x1b[{shown}F", end="")
-            print("\n".join(line + ("\x1b[K" if tty else "") for line in lines) or "no active or queued upload",
-                  flush=True)
-            shown = max(len(lines), 1)
+            snaps = [progress.snapshot(db, upload_id) for upload_id in seen]
+            if args.json:
+                for snap in snaps:
+                    print(json.dumps(snap.as_dict()), flush=True)
+            elif not args.quiet:
+                lines = [f"{s.id[:8]} {s.status:11} {progress.render(s, width=20)}  {s.destination}" for s in snaps]
+                if tty and shown:
+                    print(f"\x1b[{shown}F", end="", file=out)
+                print("\n".join(line + ("\x1b[K" if tty else "") for line in lines) or "no active or queued upload",
+                      file=out, flush=True)
+                shown = max(len(lines), 1)
             if all(s.finished for s in snaps):
                 return 0 if all(s.status == UploadStatus.COMPLETE for s in snaps) else EXIT_FAILED
             time.sleep(1.0 if tty else 10.0)
@@ -476,13 +570,16 @@ LOOK_SECONDS = 1.0
 REDRAW_SECONDS = 0.25
 
 
-def wait(db: Database, upload_id: uuid.UUID, interval: float = LOOK_SECONDS, home: local.Home | None = None) -> int:
-    """Show a progress bar until the upload completes (0) or fails (1); in single-machine mode,
-    tend the command's worker meanwhile. Woken by news of the upload (PostgreSQL NOTIFY; on
-    SQLite, the push of the worker that finished it), else every `interval` seconds."""
+def wait(db: Database, upload_id: uuid.UUID, interval: float = LOOK_SECONDS, home: local.Home | None = None,
+         shown: str = "bar") -> int:
+    """Show a progress bar (on stderr) until the upload completes (0) or fails (1); in
+    single-machine mode, tend the command's worker meanwhile. Woken by news of the upload
+    (PostgreSQL NOTIFY; on SQLite, the push of the worker that finished it), else every `interval`
+    seconds. `shown`: "bar", "quiet" (errors only) or "json" (the final record on stdout)."""
     from orchestrator import operations, progress
 
-    tty = sys.stderr.isatty()
+    bar = shown == "bar"
+    tty = bar and sys.stderr.isatty()
     last_line = woken = 0.0
     waiter = progress.Waiter(db, upload_id, redis=_progress_redis(home))
     try:
@@ -493,7 +590,7 @@ def wait(db: Database, upload_id: uuid.UUID, interval: float = LOOK_SECONDS, hom
             snap = progress.snapshot(db, upload_id)
             if tty:
                 print("\r" + progress.render(snap) + "\x1b[K", end="", file=sys.stderr, flush=True)
-            elif looked - last_line >= 10 or snap.finished:
+            elif bar and (looked - last_line >= 10 or snap.finished):
                 print(progress.render(snap), file=sys.stderr, flush=True)
                 last_line = looked
             if snap.finished:
@@ -520,8 +617,11 @@ def wait(db: Database, upload_id: uuid.UUID, interval: float = LOOK_SECONDS, hom
         waiter.close()
     if tty:
         print(file=sys.stderr)
+    if shown == "json":
+        print(json.dumps(snap.as_dict()), flush=True)
     if snap.status == UploadStatus.COMPLETE:
-        print(f"complete: {snap.destination} ETag {snap.etag}", file=sys.stderr)
+        if bar:
+            print(f"complete: {snap.destination} ETag {snap.etag}; {progress.summary(snap)}", file=sys.stderr)
         return 0
     print(f"s3ferry: upload {snap.status}: {snap.last_error or 'by request'}", file=sys.stderr)
     return EXIT_FAILED
@@ -536,9 +636,10 @@ def _status(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps(snap.as_dict(), indent=2))
         return 0
-    width = max(len(k) for k in snap.as_dict())
-    for key, value in snap.as_dict().items():
-        print(f"{key:<{width}}  {'' if value is None else value}")
+    shown = progress.describe(snap)
+    width = max(len(k) for k in shown)
+    for key, value in shown.items():
+        print(f"{key:<{width}}  {value}")
     return 0
 
 

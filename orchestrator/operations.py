@@ -15,7 +15,7 @@ from models.exceptions import InvalidTransition, UserError
 from models.settings import Settings
 from models.states import UploadStatus
 from models.tables import Upload
-from orchestrator import reconciler, scheduler, sweeper
+from orchestrator import progress, reconciler, scheduler, sweeper
 from workers import policy
 
 
@@ -87,6 +87,16 @@ def list_uploads(db: Database, status: str | None = None, limit: int = 50) -> Se
         query = query.where(Upload.status == status)
     with db.transaction() as session:
         return session.scalars(query).all()
+
+
+def describe(upload: Upload) -> dict[str, object]:
+    """An upload as `s3ferry ls --json` shows it."""
+    iso = progress.iso
+    return {"id": str(upload.id), "status": str(upload.status), "priority": upload.priority,
+            "size": upload.source_size, "parts_total": upload.total_parts, "source": upload.source_uri,
+            "destination": f"s3://{upload.bucket}/{upload.key}", "created_at": iso(upload.created_at),
+            "started_at": iso(upload.started_at), "finished_at": iso(upload.finished_at),
+            "last_error": upload.last_error}
 
 
 def _parts_in_flight(db: Database, upload_id: uuid.UUID) -> int:

@@ -43,9 +43,14 @@ class Snapshot:
     finished_at: str | None
     priority: int
     #: bytes per second over the last RATE_WINDOW seconds of part completions, and the
-    #: seconds left at that rate (None: no recent completion)
+    #: seconds left at that rate (None: no recent completion); once complete, the rate of the
+    #: part phase (from its start to the last part), completion's time apart
     rate: float
     eta_seconds: float | None
+    #: once complete: seconds from the start (or the last resume) to the last part landing, and
+    #: from then to CompleteMultipartUpload's answer
+    parts_seconds: float | None = None
+    completion_seconds: float | None = None
     #: the AIMD window of the destination: size, parts in flight to it, last change (None: none yet)
     window: str | None = None
 
@@ -72,8 +77,16 @@ def snapshot(db: Database, upload_id: uuid.UUID,
         if started and started > since:
             since = started
         recent = queries.bytes_finished_since(session, upload_id, since)
-    seconds = (now - since).total_seconds()
-    rate = recent / seconds if recent and seconds > 0 else 0.0
+        seconds = (now - since).total_seconds()
+        rate = recent / seconds if recent and seconds > 0 else 0.0
+        parts_seconds = completion_seconds = None
+        finished = _aware(upload.finished_at)
+        if upload.status == UploadStatus.COMPLETE and started and finished:
+            last_part = _aware(queries.last_part_finished(session, upload_id)) or started
+            parts_seconds = max(0.0, (last_part - started).total_seconds())
+            completion_seconds = max(0.0, (finished - last_part).total_seconds())
+            sent = queries.bytes_finished_since(session, upload_id, started)
+            rate = sent / parts_seconds if parts_seconds > 0 else 0.0
     remaining = upload.source_size - counts.bytes_done
     return Snapshot(
         id=str(upload.id), status=str(upload.status), source=upload.source_uri,
@@ -82,9 +95,10 @@ def snapshot(db: Database, upload_id: uuid.UUID,
         parts_total=upload.total_parts, parts_done=counts.done, parts_in_flight=counts.in_flight,
         parts_pending=counts.pending, parts_failed=counts.failed, retries=upload.retry_count,
         max_retries=upload.max_retries, last_error=upload.last_error, etag=upload.etag,
-        created_at=_iso(upload.created_at), started_at=_iso(upload.started_at),
-        finished_at=_iso(upload.finished_at), priority=upload.priority, rate=rate,
+        created_at=iso(upload.created_at), started_at=iso(upload.started_at),
+        finished_at=iso(upload.finished_at), priority=upload.priority, rate=rate,
         eta_seconds=remaining / rate if rate > 0 and upload.status == UploadStatus.IN_PROGRESS else None,
+        parts_seconds=parts_seconds, completion_seconds=completion_seconds,
         window=window_of(upload.endpoint_url, upload.bucket) if window_of else None,
     )
 
@@ -95,7 +109,7 @@ def _aware(value: dt.datetime | None) -> dt.datetime | None:
     return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
-def _iso(value: dt.datetime | None) -> str | None:
+def iso(value: dt.datetime | None) -> str | None:
     if value is None:
         return None
     return (value if value.tzinfo else value.replace(tzinfo=dt.UTC)).isoformat()
@@ -120,11 +134,44 @@ def render(snap: Snapshot, width: int = 30) -> str:
 
 
 def _clock(seconds: float | None) -> str:
+    """h:mm:ss, or --:--:-- when unknown."""
     if seconds is None:
-        return "--:--"
-    seconds = int(seconds)
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+        return "--:--:--"
+    hours, rest = divmod(int(seconds), 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+SIZES = ("size", "bytes_done", "part_size")
+
+
+def describe(snap: Snapshot) -> dict[str, str]:
+    """The snapshot for people: sizes in binary units (bytes too), the rate per second, times
+    as h:mm:ss or seconds."""
+    shown: dict[str, str] = {}
+    for key, value in snap.as_dict().items():
+        if value is None:
+            text = ""
+        elif key in SIZES:
+            text = f"{format_size(value)} ({value} B)"  # type: ignore[arg-type]
+        elif key == "rate":
+            text = f"{format_size(value)}/s" if value else ""  # type: ignore[arg-type]
+        elif key == "eta_seconds":
+            text = _clock(value)  # type: ignore[arg-type]
+        elif key.endswith("_seconds"):
+            text = f"{value:.1f} s"
+        else:
+            text = str(value)
+        shown["eta" if key == "eta_seconds" else key] = text
+    return shown
+
+
+def summary(snap: Snapshot) -> str:
+    """'1.0 GiB in 0:00:04: parts 3.6 s at 284.4 MiB/s, completion 0.4 s' (a complete upload)."""
+    if snap.parts_seconds is None or snap.completion_seconds is None:
+        return format_size(snap.size)
+    total = snap.parts_seconds + snap.completion_seconds
+    return (f"{format_size(snap.size)} in {_clock(total)}: parts {snap.parts_seconds:.1f} s at "
+            f"{format_size(snap.rate)}/s, completion {snap.completion_seconds:.1f} s")
 
 
 #: The worker that finishes an upload pushes to this Redis list (workers/completion.py), so that a

@@ -144,7 +144,15 @@ def check_broker(settings: Settings) -> None:
         raise BrokerUnavailable(f"cannot reach the broker at {where}: {error}") from None
 
 
+#: S3's answers to credentials it does not accept (as opposed to rights they lack: AccessDenied)
+CREDENTIALS_REFUSED = frozenset({"InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
+                                 "TokenRefreshRequired", "AuthorizationHeaderMalformed"})
+
+
 def check_bucket(client: object, bucket: str) -> None:
+    """The bucket exists and the credentials are accepted: else UserError, before anything is written.
+    Credentials that S3 accepts but that may not list the bucket are let through (uploading needs
+    only PutObject rights)."""
     try:
         client.head_bucket(Bucket=bucket)  # type: ignore[attr-defined]
     except botocore.exceptions.ClientError as error:
@@ -152,8 +160,26 @@ def check_bucket(client: object, bucket: str) -> None:
         if status == 404 or s3.error_code(error) in ("404", "NoSuchBucket"):
             raise UserError(f"bucket {bucket!r} does not exist") from None
         if status == 403:
-            log.warning("cannot check bucket %s (403); going on: uploads need only PutObject rights", bucket)
+            _check_credentials(client, bucket)
+            log.info("cannot check bucket %s (403, access denied); going on: uploads need only PutObject rights",
+                     bucket)
             return
         raise UserError(f"checking bucket {bucket!r} failed: {s3.describe(error)}") from None
+    except botocore.exceptions.NoCredentialsError:
+        raise UserError("no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
+                        ) from None
     except (botocore.exceptions.BotoCoreError, ValueError) as error:
         raise UserError(f"cannot reach S3 to check bucket {bucket!r}: {s3.describe(error)}") from None
+
+
+def _check_credentials(client: object, bucket: str) -> None:
+    """After a 403 to HeadBucket (whose answer has no body, so no reason): a request whose error
+    says why. UserError if the credentials themselves are refused."""
+    try:
+        client.get_bucket_location(Bucket=bucket)  # type: ignore[attr-defined]
+    except botocore.exceptions.ClientError as error:
+        code = s3.error_code(error)
+        if code in CREDENTIALS_REFUSED:
+            raise UserError(f"S3 refused the credentials for bucket {bucket!r}: {s3.describe(error)}") from None
+    except (botocore.exceptions.BotoCoreError, ValueError):
+        pass  # HeadBucket got through: the upload's own requests say more

@@ -103,9 +103,12 @@ class Server:
             self.process.wait(10)
 
 
-def start_moto(workdir: Path) -> tuple[Server, str]:
+def start_moto(workdir: Path, env: Mapping[str, str] | None = None, name: str = "moto") -> tuple[Server, str]:
+    """moto's S3 server; `env`: more of its settings (INITIAL_NO_AUTH_ACTION_COUNT: check
+    credentials and signatures against its IAM after that many requests)."""
     port = free_port()
-    server = Server("moto", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], workdir,
+    server = Server(name, [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], workdir,
+                    env={**os.environ, **env} if env else None,
                     ready=lambda: listening("127.0.0.1", port)).start()
     return server, f"http://127.0.0.1:{port}"
 

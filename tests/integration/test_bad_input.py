@@ -141,8 +141,7 @@ def test_an_unreachable_broker(service_env, bucket: str, small_file: Path, uncha
 
 def test_an_invalid_part_size_text(service_env, small_file: Path, bucket: str) -> None:  # type: ignore[no-untyped-def]
     run = run_cli(["upload", str(small_file), f"s3://{bucket}/k", "--part-size", "lots"], service_env)
-    assert run.returncode == 2
-    assert "invalid size 'lots'" in run.stderr.strip().splitlines()[-1]
+    assert_refused(run, "invalid size 'lots'")
 
 
 @pytest.mark.parametrize(("upload_id", "code", "message"), [
@@ -152,7 +151,8 @@ def test_an_invalid_part_size_text(service_env, small_file: Path, bucket: str) -
 def test_status_of_a_bad_id(service_env, upload_id: str, code: int, message: str) -> None:  # type: ignore[no-untyped-def]
     run = run_cli(["status", upload_id], service_env)
     assert run.returncode == code
-    assert message in run.stderr.strip().splitlines()[-1]
+    [line] = run.stderr.strip().splitlines()
+    assert message in line
 
 
 #: Settings that would break the rules of leases, retries, signing or the broker: refused at start.
@@ -172,7 +172,7 @@ BAD_SETTINGS = [
 ]
 SETTING_IDS = [f"{name[8:].lower()}={value!r}" for name, value, _ in BAD_SETTINGS]
 
-#: Flags out of range: argparse's usage and one-line error, or s3ferry's one line (part size: S3's words).
+#: Flags out of range: one line, argparse's or s3ferry's (part size: S3's words).
 BAD_FLAGS = [
     (["--max-retries", "-5"], "argument --max-retries: invalid number '-5': a whole number from 0 to 1000"),
     (["--part-size", "1e400"], "argument --part-size: invalid size '1e400': too large"),
@@ -190,10 +190,10 @@ def single_machine_env(service_env: dict[str, str], tmp_path: Path) -> dict[str,
 
 
 def assert_refused(run, *fragments: str) -> None:  # type: ignore[no-untyped-def]
-    """Exit 2; the last line is s3ferry's (or argparse's) error; no traceback."""
+    """Exit 2; one line, s3ferry's error (`s3ferry upload: error:` for a flag argparse refuses)."""
     assert run.returncode == 2, (run.returncode, run.stderr)
-    assert "Traceback" not in run.stderr and run.stdout == ""
-    last = run.stderr.strip().splitlines()[-1]
+    assert run.stdout == ""
+    [last] = run.stderr.strip().splitlines()
     assert re.match(r"s3ferry( upload)?: error: ", last), run.stderr
     for fragment in fragments:
         assert fragment in last
@@ -237,3 +237,84 @@ def test_a_bad_flag_in_a_fleet_writes_nothing(service_env: dict[str, str], bucke
                                               unchanged: None, flags: list[str], message: str) -> None:
     run = run_cli(["upload", str(small_file), f"s3://{bucket}/k", *flags], service_env)
     assert_refused(run, message)
+
+
+#: moto's requests before it checks: the setup below
+SETUP_REQUESTS = 7
+
+
+@pytest.fixture
+def checking_s3(tmp_path: Path) -> Iterator[tuple[dict[str, str], dict[str, str], str]]:
+    """A moto server of its own that checks credentials, signatures and rights (against its IAM,
+    once the requests that set it up are done): the keys of a user allowed everything on S3,
+    those of one allowed only to list (no PutObject), and the endpoint."""
+    import boto3
+
+    server, endpoint = services.start_moto(tmp_path, env={"INITIAL_NO_AUTH_ACTION_COUNT": str(SETUP_REQUESTS)},
+                                           name="moto-auth")
+    try:
+        setup = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                     aws_secret_access_key="setup")
+        iam = boto3.client("iam", **setup)
+        keys = []
+        for user, actions in (("uploader", '"s3:*"'), ("lister", '["s3:ListBucket", "s3:GetBucketLocation"]')):
+            iam.create_user(UserName=user)
+            iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=(
+                '{"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": %s, "Resource": "*"}]}'
+                % actions))
+            key = iam.create_access_key(UserName=user)["AccessKey"]
+            keys.append({"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]})
+        boto3.client("s3", **setup).create_bucket(Bucket="checked")  # the 7th: from here on, all is checked
+        yield keys[0], keys[1], endpoint
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(("wrong", "code"), [
+    ({"AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000"}, "InvalidAccessKeyId"),
+    ({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, "SignatureDoesNotMatch"),
+], ids=["unknown-key", "wrong-secret"])
+def test_credentials_s3_refuses_are_bad_input(service_env: dict[str, str], db: Database, small_file: Path,  # type: ignore[no-untyped-def]
+                                               checking_s3, wrong: dict[str, str], code: str) -> None:
+    keys, _, endpoint = checking_s3
+    env = {**service_env, **keys, "AWS_ENDPOINT_URL": endpoint, "S3FERRY_BUCKETS": "checked"}
+    with db.transaction() as session:
+        before = session.scalar(sa.select(sa.func.count()).select_from(Upload))
+
+    run = run_cli(["upload", str(small_file), "s3://checked/k", "--no-wait"], {**env, **wrong})
+
+    assert_one_line_error(run, 2, "S3 refused the credentials for bucket 'checked'", code)
+    with db.transaction() as session:  # no row
+        assert session.scalar(sa.select(sa.func.count()).select_from(Upload)) == before
+    # the right keys pass the same check: what was refused was the credentials
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                      aws_access_key_id=keys["AWS_ACCESS_KEY_ID"], aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"])
+    submit.check_bucket(s3, "checked")
+    assert not s3.list_multipart_uploads(Bucket="checked").get("Uploads")
+
+
+def test_no_credentials_at_all_are_bad_input(service_env: dict[str, str], bucket: str, small_file: Path,  # type: ignore[no-untyped-def]
+                                             tmp_path: Path, unchanged: None) -> None:
+    env = {k: v for k, v in service_env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                                              "AWS_SESSION_TOKEN", "AWS_PROFILE")}
+    env.update(HOME=str(tmp_path), AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_EC2_METADATA_DISABLED="true")
+    run = run_cli(["upload", str(small_file), f"s3://{bucket}/k"], env)
+    assert_one_line_error(run, 2, "no S3 credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY")
+
+
+def test_credentials_without_the_right_to_write_fail_the_upload_at_once(  # type: ignore[no-untyped-def]
+        service_env: dict[str, str], db: Database, small_file: Path, checking_s3) -> None:
+    _, lister, endpoint = checking_s3
+    env = {**service_env, **lister, "AWS_ENDPOINT_URL": endpoint, "S3FERRY_BUCKETS": "checked"}
+
+    run = run_cli(["upload", str(small_file), "s3://checked/k", "--no-wait"], env)
+
+    # accepted credentials, the bucket there: not bad input, but the upload cannot start
+    assert run.returncode == 1, run.stderr
+    assert "s3ferry: upload failed: " in run.stderr and "AccessDenied" in run.stderr.strip().splitlines()[-1]
+    upload_id = uuid.UUID(run.stdout.strip())
+    with db.transaction() as session:
+        assert session.get(Upload, upload_id).status == "failed"

@@ -28,6 +28,7 @@ from models.states import PartStatus, UploadStatus
 from models.tables import Part, Upload
 from tests.conftest import sha256_of_object, write_random
 from tests.faults import FlakyProxy
+from tests.http_faults import FaultProxy
 from tests.integration.helpers import MiB, S3FERRY, claims_per_part, run_cli, wait_until
 
 pytestmark = pytest.mark.integration
@@ -382,3 +383,30 @@ def test_a_broker_folder_in_the_temp_folder_that_is_not_private_is_refused(  # t
         else:
             shutil.rmtree(folder)
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+def test_a_failed_upload_exits_1_and_retry_runs_it_to_the_end(local_env, s3, s3_endpoint: str, bucket,  # type: ignore[no-untyped-def]
+                                                               home: Path, tmp_path: Path) -> None:
+    source = tmp_path / "flaky.bin"
+    sha256 = write_random(source, 11 * MiB)
+    proxy = FaultProxy(s3_endpoint)
+    try:
+        proxy.configure(error_share=1.0)  # every part answered 500 InternalError
+        env = {**local_env, "AWS_ENDPOINT_URL": proxy.url}
+        failed = run_cli(["upload", str(source), f"s3://{bucket}/flaky.bin", "--part-size", "5MiB",
+                          "--max-retries", "0"], env)
+        assert failed.returncode == 1, failed.stderr
+        assert "s3ferry: upload failed: " in failed.stderr.strip().splitlines()[-1]
+        [upload] = uploads(home)
+        assert upload.status == UploadStatus.FAILED
+
+        proxy.configure(error_share=0.0)
+        retried = run_cli(["retry", str(upload.id), "--json"], env)  # runs it here, as resume does
+
+        assert retried.returncode == 0, retried.stderr
+        record = json.loads(retried.stdout)
+        assert (record["id"], record["status"], record["bytes_done"]) == (str(upload.id), "complete", 11 * MiB)
+        assert sha256_of_object(s3, bucket, "flaky.bin") == sha256
+        assert not workers_of(home)
+    finally:
+        proxy.close()

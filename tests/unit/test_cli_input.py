@@ -47,12 +47,54 @@ def parse(*argv: str) -> argparse.Namespace:
     (["demo", "--kill-at", "inf"], "invalid fraction 'inf'"),
 ])
 def test_a_bad_flag_is_refused_with_one_line(capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
-    with pytest.raises(SystemExit) as exited:  # argparse's usage, then its one-line error; no traceback
+    with pytest.raises(SystemExit) as exited:  # one line, no usage block, no traceback
         parse(*argv)
     assert exited.value.code == 2
-    last = capsys.readouterr().err.strip().splitlines()[-1]
-    assert re.match(r"s3ferry( [a-z]+)*: error: ", last), last
-    assert message in last
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert re.match(r"s3ferry( [a-z]+)*: error: ", lines[0]), lines[0]
+    assert message in lines[0] and lines[0].endswith("--help` shows the usage)")
+
+
+@pytest.mark.parametrize("argv", [[], ["upload"], ["nosuchcommand"], ["ls", "--nosuchflag"], ["status"],
+                                  ["db"], ["upload", "f", "s3://b/k", "extra"]])
+def test_a_usage_error_is_one_line(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse(*argv)
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.strip().splitlines()) == 1 and "error: " in captured.err, captured.err
+    assert captured.out == ""
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exited:
+        parse("--version")
+    assert exited.value.code == 0
+    assert capsys.readouterr().out == f"s3ferry {metadata.version('s3ferry')}\n"
+
+
+@pytest.mark.parametrize(("argv", "verbose", "quiet"), [
+    (["ls"], False, False),
+    (["-v", "ls"], True, False),
+    (["ls", "-v"], True, False),
+    (["ls", "--verbose"], True, False),
+    (["-q", "ls"], False, True),
+    (["status", ID, "--quiet"], False, True),
+    (["-v", "upload", "f", "s3://b/k", "-q"], True, True),
+])
+def test_verbose_and_quiet_go_before_or_after_the_command(argv: list[str], verbose: bool, quiet: bool) -> None:
+    args = parse(*argv)
+    assert (args.verbose, args.quiet) == (verbose, quiet)
+
+
+@pytest.mark.parametrize("argv", [["ls"], ["status", ID], ["watch"], ["upload", "f", "s3://b/k"], ["resume", ID],
+                                  ["retry", ID]])
+def test_every_command_that_prints_state_has_json(argv: list[str]) -> None:
+    assert parse(*argv).json is False
+    assert parse(*argv, "--json").json is True
 
 
 @pytest.mark.parametrize(("argv", "attribute", "value"), [
