@@ -737,9 +737,8 @@ def run() -> NoReturn:
         code: object = main()
     except SystemExit as stop:  # argparse's usage errors and --help
         code = stop.code
-    for thread in threading.enumerate():  # what the interpreter would wait for before exiting
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    if any(not thread.daemon for thread in threading.enumerate() if thread is not threading.current_thread()):
+        sys.exit(code)  # threads the interpreter must wait for (and stop first: executors): its usual exit
     _exit_now(code)
 
 

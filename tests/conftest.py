@@ -1,17 +1,21 @@
 """Fixtures: real Postgres, Redis, moto's S3 server over HTTP, and a real s3ferry worker.
 
-Where the servers come from (first that applies):
-- S3FERRY_TEST_POSTGRES_URL / S3FERRY_TEST_REDIS_URL, if set;
-- the local servers on 127.0.0.1:5432 and :6379, if something listens there;
-- otherwise servers the tests start themselves (initdb + postgres, redis-server).
-Each run gets its own database (created, migrated, dropped), its own Redis db
-numbers (S3FERRY_TEST_REDIS_DBS, default "14,15", two lower for each further
-pytest-xdist process; this run's queues removed after)
-and its own buckets on a moto server it starts on a free port.
+Where the servers come from:
+- PostgreSQL: S3FERRY_TEST_POSTGRES_URL if set, else the local server on
+  127.0.0.1:5432 if something listens there, else one the tests start (initdb +
+  postgres); each run gets a database of its own there (created, migrated, dropped);
+- Redis: S3FERRY_TEST_REDIS_URL if set (then db numbers S3FERRY_TEST_REDIS_DBS,
+  default "14,15", two lower for each further pytest-xdist process, with queue
+  names of the run's own), else a redis-server of the run's own on a free port
+  (each pytest-xdist process its own), stopped at the end: nothing is left in, or
+  taken from, a Redis someone else uses;
+- S3: a moto server of the run's own on a free port, its buckets per test.
+No process a test started may outlive the run: `no_process_left` checks it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import uuid
@@ -19,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import psutil
 import pytest
 import sqlalchemy as sa
 
@@ -34,6 +39,22 @@ AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "
            "AWS_DEFAULT_REGION": "us-east-1"}
 CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG_FILE",
            "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left() -> Iterator[None]:
+    """After everything else of the session is torn down: no process the tests started is still
+    running. Any that is gets killed, and the run fails (an error at the last test's teardown)."""
+    yield
+    me = psutil.Process()
+    _, alive = psutil.wait_procs(me.children(recursive=True), timeout=15)  # those being stopped: stopped
+    left = []
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            if process.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{process.pid} {' '.join(process.cmdline())[:200]}")
+                process.kill()
+    assert not left, "processes left running by the tests (now killed):\n" + "\n".join(left)
 
 
 @pytest.fixture(scope="session")
@@ -59,8 +80,6 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     url = os.environ.get("S3FERRY_TEST_REDIS_URL")
     if url:
         yield url.rstrip("/")
-    elif services.listening("127.0.0.1", 6379):
-        yield "redis://127.0.0.1:6379"
     else:
         server, url = services.start_redis(tmp_path_factory.mktemp("redis"))
         with services.running(server):

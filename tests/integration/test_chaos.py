@@ -34,7 +34,7 @@ from tests.conftest import sha256_of_object, write_random
 from tests.faults import FlakyProxy
 from tests.integration.helpers import MiB, run_cli
 
-pytestmark = [pytest.mark.integration, pytest.mark.chaos]
+pytestmark = [pytest.mark.integration, pytest.mark.chaos, pytest.mark.slow]
 
 SIZE = 512 * MiB
 PARTS = 16

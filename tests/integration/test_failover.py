@@ -29,7 +29,7 @@ from tests import services
 from tests.conftest import sha256_of_object, write_random
 from tests.integration.helpers import FINISHED, MiB, claims_per_part, submit, wait_status, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # workers killed and recovered: 20-40 s each
 
 @pytest.fixture(params=["redis", "amqp"])
 def broker_env(request: pytest.FixtureRequest, proxy_and_env, redis_urls: tuple[str, str]) -> Iterator[dict]:  # type: ignore[no-untyped-def]

@@ -82,6 +82,7 @@ def test_an_upload_through_presigned_urls_that_expire_during_it_completes(  # ty
         assert not any(secret in text for text in texts)
 
 
+@pytest.mark.slow
 def test_a_presigned_worker_waits_for_a_signer_without_failing(  # type: ignore[no-untyped-def]
         proxy_and_env, tmp_path: Path, workdir: Path, db: Database, s3, bucket: str) -> None:
     proxy, env = proxy_and_env

@@ -297,8 +297,9 @@ def test_watch_ls_and_status_show_progress_from_the_database(queue_env, qdb, s3,
     watched = run_cli(["watch", str(upload_id)], queue_env, timeout=120)  # returns when it finishes
 
     assert watched.returncode == 0, watched.stderr
-    last = watched.stdout.strip().splitlines()[-1]
+    assert watched.stdout == ""  # progress goes to stderr
+    last = watched.stderr.strip().splitlines()[-1]
     assert last.startswith(str(upload_id)[:8]) and "complete" in last and "100%" in last and "parts 6/6" in last
     listed = run_cli(["ls", "--status", "complete"], queue_env)
     assert str(upload_id) in listed.stdout and f"s3://{bucket}/watched.bin" in listed.stdout
-    assert run_cli(["watch"], queue_env).stdout.strip() == "no active or queued upload"
+    assert run_cli(["watch"], queue_env).stderr.strip() == "no active or queued upload"

@@ -74,6 +74,7 @@ def _kill_and_run_again(env: dict[str, str], command: list[str], db: Database, b
         assert session.scalar(sa.select(sa.func.count()).select_from(Upload).where(Upload.bucket == bucket)) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_lets_parts_in_flight_finish_and_wastes_nothing(  # type: ignore[no-untyped-def]
         service_env, s3, bucket, db, slow_s3, tmp_path: Path) -> None:
     queue = f"sigterm-{uuid.uuid4().hex[:8]}"

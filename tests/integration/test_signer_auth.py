@@ -104,6 +104,7 @@ def start_worker(workdir: Path, env: dict[str, str], loglevel: str = "INFO") -> 
     return server.start(timeout=60)
 
 
+@pytest.mark.slow
 def test_forged_and_replayed_signer_replies_are_refused_uncounted(  # type: ignore[no-untyped-def]
         proxy_and_env, redis_urls: tuple[str, str], tmp_path: Path, workdir: Path, db: Database, s3,
         bucket: str) -> None:

@@ -144,6 +144,7 @@ def window_keys(kv: redis.Redis, proxy: FaultProxy, bucket: str) -> tuple[str, s
     return Window(kv, proxy.url, bucket, Limits()).keys  # type: ignore[return-value]
 
 
+@pytest.mark.slow
 def test_under_slowdown_the_fleet_window_grows_then_halves_and_the_upload_completes(  # type: ignore[no-untyped-def]
         proxy_and_env, tmp_path: Path, workdir: Path, db: Database, s3, bucket: str, kv: redis.Redis) -> None:
     proxy, env = proxy_and_env
@@ -182,6 +183,7 @@ def test_under_slowdown_the_fleet_window_grows_then_halves_and_the_upload_comple
     assert "window" in status.stdout and re.search(r"window\s+\d+ \(0 in flight", status.stdout), status.stdout
 
 
+@pytest.mark.slow
 def test_a_killed_workers_slot_is_freed_by_its_lease(  # type: ignore[no-untyped-def]
         proxy_and_env, tmp_path: Path, workdir: Path, db: Database, s3, bucket: str, kv: redis.Redis) -> None:
     proxy, env = proxy_and_env
