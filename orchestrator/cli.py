@@ -38,6 +38,9 @@ log = logging.getLogger("s3ferry")
 EXIT_FAILED = 1  # the upload (or command) failed
 EXIT_USAGE = 2  # bad input: nothing was changed
 
+#: commands whose output a reader may stop reading (`| head`) once it has what it wants
+LISTINGS = ("ls", "status", "watch", "db")
+
 WATCHED = (UploadStatus.QUEUED, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING, UploadStatus.PAUSED)
 
 
@@ -69,9 +72,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
-    except BrokenPipeError:  # `s3ferry ls | head`
+    except BrokenPipeError:  # `s3ferry ls | head`: done; an upload's watcher gone: not done
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return 0 if args.command in LISTINGS else EXIT_FAILED
 
 
 class _Parser(argparse.ArgumentParser):
@@ -168,8 +171,8 @@ def _parser() -> argparse.ArgumentParser:
         if name == "retry":
             command.add_argument("--concurrency", "-c", type=_whole(1, MAX_CONCURRENCY), default=4,
                                  help="single-machine mode: parts sent at once by this command's worker (default 4)")
-            command.add_argument("--json", action="store_true",
-                                 help="single-machine mode: no progress; the final record as JSON on stdout")
+            command.add_argument("--json", action="store_true", help="the upload's record as JSON on stdout (on one "
+                                 "machine: no progress, the final record), with what was done as `message`")
         command.set_defaults(run=_operation(name))
 
     priority = commands.add_parser("priority", help="set an upload's priority (higher runs first)")
@@ -251,10 +254,10 @@ def _parser() -> argparse.ArgumentParser:
 
     db = commands.add_parser("db", help="database schema")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    db_commands.add_parser("upgrade", help="create or migrate the schema to the newest version").set_defaults(
-        run=_db_upgrade)
-    db_commands.add_parser("current", help="print the schema version").set_defaults(run=_db_current)
-    check = db_commands.add_parser("check", help="exit 0 if the schema is at this version's head, else 3 "
+    db_commands.add_parser("upgrade", parents=[common], help="create or migrate the schema to the newest version"
+                           ).set_defaults(run=_db_upgrade)
+    db_commands.add_parser("current", parents=[common], help="print the schema version").set_defaults(run=_db_current)
+    check = db_commands.add_parser("check", parents=[common], help="exit 0 if the schema is at this version's head, else 3 "
                                    "(for init containers: start only once migrated)")
     check.add_argument("--wait", type=_seconds(0, 86400), default=0.0, metavar="SECONDS",
                        help="keep checking (every 2 s) for up to this long, 0..86400")
@@ -406,7 +409,11 @@ def _resume(args: argparse.Namespace, settings: Settings) -> int:
     with local.attach(settings, workers=args.concurrency) as home:
         submit.check_broker(settings)
         _note(args, f"s3ferry: {operations.resume(settings, db, args.upload_id)}")
-        return 0 if args.no_wait else wait(db, args.upload_id, home=home, shown=_shown(args))
+        if args.no_wait:
+            if args.json:
+                print(json.dumps(progress.snapshot(db, args.upload_id).as_dict()))
+            return 0
+        return wait(db, args.upload_id, home=home, shown=_shown(args))
 
 
 def _operation(name: str):  # type: ignore[no-untyped-def]
@@ -420,10 +427,17 @@ def _operation(name: str):  # type: ignore[no-untyped-def]
             with local.attach(settings, workers=args.concurrency) as home:
                 submit.check_broker(settings)
                 _note(args, f"s3ferry: {operations.retry(settings, db, args.upload_id)}")
-                return wait(db, args.upload_id, home=home, shown=_shown(args))
+                return wait(db, args.upload_id, home=home, shown=_shown(args),
+                            again=f"`s3ferry resume {args.upload_id}` continues it")
         with local.attach(settings):
             submit.check_broker(settings)  # each may start the next queued upload
-            print(getattr(operations, name)(settings, db, args.upload_id))
+            said = getattr(operations, name)(settings, db, args.upload_id)
+        if getattr(args, "json", False):
+            from orchestrator import progress
+
+            print(json.dumps({**progress.snapshot(db, args.upload_id).as_dict(), "message": said}))
+        elif not args.quiet:
+            print(said)
         return 0
     return run
 
@@ -432,7 +446,9 @@ def _priority(args: argparse.Namespace, settings: Settings) -> int:
     from models.db import Database
     from orchestrator import operations
 
-    print(operations.set_priority(Database(settings.database_url), args.upload_id, args.priority))
+    said = operations.set_priority(Database(settings.database_url), args.upload_id, args.priority)
+    if not args.quiet:
+        print(said)
     return 0
 
 
@@ -571,11 +587,12 @@ REDRAW_SECONDS = 0.25
 
 
 def wait(db: Database, upload_id: uuid.UUID, interval: float = LOOK_SECONDS, home: local.Home | None = None,
-         shown: str = "bar") -> int:
+         shown: str = "bar", again: str = "Run the same command again to resume it from the parts already uploaded") -> int:
     """Show a progress bar (on stderr) until the upload completes (0) or fails (1); in
     single-machine mode, tend the command's worker meanwhile. Woken by news of the upload
     (PostgreSQL NOTIFY; on SQLite, the push of the worker that finished it), else every `interval`
-    seconds. `shown`: "bar", "quiet" (errors only) or "json" (the final record on stdout)."""
+    seconds. `shown`: "bar", "quiet" (errors only) or "json" (the final record on stdout); `again`:
+    how to go on, said when Ctrl-C stops a single-machine command."""
     from orchestrator import operations, progress
 
     bar = shown == "bar"
@@ -607,8 +624,7 @@ def wait(db: Database, upload_id: uuid.UUID, interval: float = LOOK_SECONDS, hom
             with contextlib.suppress(S3FerryError):
                 operations.pause(home.settings, db, upload_id)
             home.stop_worker(graceful=False)
-            print(f"\ns3ferry: stopped; upload {upload_id} is paused. Run the same command again to resume it "
-                  "from the parts already uploaded.", file=sys.stderr)
+            print(f"\ns3ferry: stopped; upload {upload_id} is paused. {again}.", file=sys.stderr)
         else:
             print(f"\ns3ferry: stopped watching; the upload goes on. `s3ferry status {upload_id}` shows it.",
                   file=sys.stderr)
@@ -739,6 +755,14 @@ def run() -> NoReturn:
         code = stop.code
     if any(not thread.daemon for thread in threading.enumerate() if thread is not threading.current_thread()):
         sys.exit(code)  # threads the interpreter must wait for (and stop first: executors): its usual exit
+    try:  # what the interpreter's exit would report: output that could not be written
+        sys.stdout.flush()
+    except BrokenPipeError:  # `s3ferry ls | head`: what was asked for was read
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except OSError as error:  # a full disk under `> file`: the output is lost, and says so
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"s3ferry: error: cannot write the output: {error}", file=sys.stderr)
+        code = EXIT_FAILED
     _exit_now(code)
 
 

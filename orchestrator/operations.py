@@ -68,6 +68,9 @@ def cancel(settings: Settings, db: Database, upload_id: uuid.UUID) -> str:
 
 
 def retry(settings: Settings, db: Database, upload_id: uuid.UUID) -> str:
+    status = _status(db, upload_id)
+    if status in (UploadStatus.PAUSED, UploadStatus.QUEUED, UploadStatus.IN_PROGRESS, UploadStatus.COMPLETING):
+        raise UserError(f"upload {upload_id} is {status}, not failed: `s3ferry resume {upload_id}` continues it")
     kept = _change(db, upload_id, transitions.retry_failed, "retried by request", "retried")
     started = upload_id in scheduler.schedule(settings, db)
     parts = "from its done parts" if kept else "from the start (its multipart upload had been swept)"

@@ -82,7 +82,8 @@ def snapshot(db: Database, upload_id: uuid.UUID,
         parts_seconds = completion_seconds = None
         finished = _aware(upload.finished_at)
         if upload.status == UploadStatus.COMPLETE and started and finished:
-            last_part = _aware(queries.last_part_finished(session, upload_id)) or started
+            # no part since the last resume (all had landed before): the part phase is empty
+            last_part = max(_aware(queries.last_part_finished(session, upload_id)) or started, started)
             parts_seconds = max(0.0, (last_part - started).total_seconds())
             completion_seconds = max(0.0, (finished - last_part).total_seconds())
             sent = queries.bytes_finished_since(session, upload_id, started)

@@ -10,7 +10,9 @@ Where the servers come from:
   (each pytest-xdist process its own), stopped at the end: nothing is left in, or
   taken from, a Redis someone else uses;
 - S3: a moto server of the run's own on a free port, its buckets per test.
-No process a test started may outlive the run: `no_process_left` checks it.
+No process a test started may outlive the run: `no_process_left` checks it (each
+process the run starts carries PYTEST_S3FERRY_RUN in its environment, so daemonized
+servers and orphans are found too).
 """
 
 from __future__ import annotations
@@ -41,19 +43,35 @@ CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_CONFIG
            "AWS_SHARED_CREDENTIALS_FILE", "AWS_CA_BUNDLE")
 
 
+#: Set in this session's environment, so that every process it starts (and theirs: daemonized
+#: servers and orphans too, which are no longer its children) carries it.
+RUN_MARK = "PYTEST_S3FERRY_RUN"  # not S3FERRY_*: service_env keeps it
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_process_left() -> Iterator[None]:
     """After everything else of the session is torn down: no process the tests started is still
     running. Any that is gets killed, and the run fails (an error at the last test's teardown)."""
+    mark = uuid.uuid4().hex
+    os.environ[RUN_MARK] = mark
     yield
-    me = psutil.Process()
-    _, alive = psutil.wait_procs(me.children(recursive=True), timeout=15)  # those being stopped: stopped
+    me = os.getpid()
+
+    def started_here() -> list[psutil.Process]:
+        found = []
+        for process in psutil.process_iter():
+            with contextlib.suppress(psutil.Error):
+                if process.pid != me and process.status() != psutil.STATUS_ZOMBIE \
+                        and process.environ().get(RUN_MARK) == mark:
+                    found.append(process)
+        return found
+
+    _, alive = psutil.wait_procs(started_here(), timeout=15)  # those being stopped: stopped
     left = []
     for process in alive:
         with contextlib.suppress(psutil.Error):
-            if process.status() != psutil.STATUS_ZOMBIE:
-                left.append(f"{process.pid} {' '.join(process.cmdline())[:200]}")
-                process.kill()
+            left.append(f"{process.pid} {' '.join(process.cmdline())[:200]}")
+            process.kill()
     assert not left, "processes left running by the tests (now killed):\n" + "\n".join(left)
 
 

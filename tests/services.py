@@ -74,7 +74,11 @@ class Server:
             self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                             cwd=self.workdir, start_new_session=True)
         if self.ready:
-            wait_for(lambda: self._alive() and self.ready(), timeout, self.name, self.log)  # type: ignore[misc]
+            try:
+                wait_for(lambda: self._alive() and self.ready(), timeout, self.name, self.log)  # type: ignore[misc]
+            except BaseException:  # not ready: the caller gets no server to stop, so it is stopped here
+                self.stop()
+                raise
         return self
 
     def _alive(self) -> bool:

@@ -87,4 +87,9 @@ def serving(args: Sequence[str], env: dict[str, str], port: int, log: Path) -> I
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
-        process.wait(20)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:  # stopped all the same, and the test fails on it
+            process.kill()
+            process.wait(10)
+            raise

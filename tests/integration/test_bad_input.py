@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from models.db import Database
 from models.exceptions import UserError
-from models.settings import Settings
+from models.settings import Settings, local_urls
 from models.tables import Upload
 from orchestrator import submit
 from tests import services
@@ -270,22 +270,30 @@ def checking_s3(tmp_path: Path) -> Iterator[tuple[dict[str, str], dict[str, str]
         server.stop()
 
 
+@pytest.mark.parametrize("mode", ["fleet", "single-machine"])
 @pytest.mark.parametrize(("wrong", "code"), [
     ({"AWS_ACCESS_KEY_ID": "AKIANOSUCHKEY0000000"}, "InvalidAccessKeyId"),
     ({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, "SignatureDoesNotMatch"),
 ], ids=["unknown-key", "wrong-secret"])
-def test_credentials_s3_refuses_are_bad_input(service_env: dict[str, str], db: Database, small_file: Path,  # type: ignore[no-untyped-def]
-                                               checking_s3, wrong: dict[str, str], code: str) -> None:
+def test_credentials_s3_refuses_are_bad_input(service_env: dict[str, str], single_machine_env: dict[str, str],  # type: ignore[no-untyped-def]
+                                               db: Database, small_file: Path, checking_s3, wrong: dict[str, str],
+                                               code: str, mode: str) -> None:
     keys, _, endpoint = checking_s3
-    env = {**service_env, **keys, "AWS_ENDPOINT_URL": endpoint, "S3FERRY_BUCKETS": "checked"}
-    with db.transaction() as session:
+    base = service_env if mode == "fleet" else single_machine_env
+    env = {**base, **keys, "AWS_ENDPOINT_URL": endpoint, "S3FERRY_BUCKETS": "checked"}
+    if mode == "single-machine":
+        assert run_cli(["ls"], env).returncode == 0  # the data folder and its state file, made
+    state = db if mode == "fleet" else Database(local_urls(env["S3FERRY_HOME"])["database_url"])
+    with state.transaction() as session:
         before = session.scalar(sa.select(sa.func.count()).select_from(Upload))
 
-    run = run_cli(["upload", str(small_file), "s3://checked/k", "--no-wait"], {**env, **wrong})
+    run = run_cli(["upload", str(small_file), "s3://checked/k"], {**env, **wrong})
 
     assert_one_line_error(run, 2, "S3 refused the credentials for bucket 'checked'", code)
-    with db.transaction() as session:  # no row
+    with state.transaction() as session:  # no row
         assert session.scalar(sa.select(sa.func.count()).select_from(Upload)) == before
+    if state is not db:
+        state.dispose()
     # the right keys pass the same check: what was refused was the credentials
     import boto3
 

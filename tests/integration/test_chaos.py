@@ -50,25 +50,28 @@ def test_an_upload_survives_killed_workers_redis_loss_and_a_postgres_restart(  #
     work = tmp_path / "chaos"
     work.mkdir()
     (work / "pg").mkdir()
-    postgres, postgres_url = services.start_postgres(work / "pg")  # (a folder in /tmp when run as root)
-    redis_server, redis_url = services.start_redis(work)
-    upstream = urlparse(s3_endpoint)
-    proxy = FlakyProxy(upstream.hostname, upstream.port)
-    proxy.limit(10 * 1024 * 1024)  # ~50 s for the file: time for the chaos to happen
-    database_url = sa.make_url(postgres_url).set(database="s3ferry").render_as_string(hide_password=False)
-    migrate.upgrade(database_url)
-    env = {**service_env, "AWS_ENDPOINT_URL": proxy.url, "S3FERRY_DATABASE_URL": database_url,
-           "S3FERRY_BROKER_URL": f"{redis_url}/0", "S3FERRY_RESULT_BACKEND": f"{redis_url}/1",
-           "S3FERRY_QUEUE": "chaos", "S3FERRY_LEASE_SECONDS": "6", "S3FERRY_STALL_SECONDS": "8",
-           "S3FERRY_RECONCILE_INTERVAL": "3"}
-    source = work / "big.bin"
-    sha256 = write_random(source, SIZE)
-    workers = [services.start_worker(work, env, f"chaos{i}", concurrency=CONCURRENCY) for i in range(WORKERS)]
-    beat = services.Server("beat", [str(services.BIN / "s3ferry"), "beat", f"--schedule={work / 'beat.db'}"],
-                           work, env=env).start()
-    db = Database(database_url)
-    kills = 0
+    postgres = redis_server = proxy = beat = db = None  # stopped in `finally` as far as they got
+    workers: list[services.Server] = []
     try:
+        postgres, postgres_url = services.start_postgres(work / "pg")  # (a folder in /tmp when run as root)
+        redis_server, redis_url = services.start_redis(work)
+        upstream = urlparse(s3_endpoint)
+        proxy = FlakyProxy(upstream.hostname, upstream.port)
+        proxy.limit(10 * 1024 * 1024)  # ~50 s for the file: time for the chaos to happen
+        database_url = sa.make_url(postgres_url).set(database="s3ferry").render_as_string(hide_password=False)
+        migrate.upgrade(database_url)
+        env = {**service_env, "AWS_ENDPOINT_URL": proxy.url, "S3FERRY_DATABASE_URL": database_url,
+               "S3FERRY_BROKER_URL": f"{redis_url}/0", "S3FERRY_RESULT_BACKEND": f"{redis_url}/1",
+               "S3FERRY_QUEUE": "chaos", "S3FERRY_LEASE_SECONDS": "6", "S3FERRY_STALL_SECONDS": "8",
+               "S3FERRY_RECONCILE_INTERVAL": "3"}
+        source = work / "big.bin"
+        sha256 = write_random(source, SIZE)
+        for i in range(WORKERS):
+            workers.append(services.start_worker(work, env, f"chaos{i}", concurrency=CONCURRENCY))
+        beat = services.Server("beat", [str(services.BIN / "s3ferry"), "beat", f"--schedule={work / 'beat.db'}"],
+                               work, env=env).start()
+        db = Database(database_url)
+        kills = 0
         run = run_cli(["upload", str(source), f"s3://{bucket}/chaos.bin", "--no-wait"], env)
         assert run.returncode == 0, run.stderr
         upload_id = run.stdout.strip().splitlines()[0]
@@ -112,16 +115,20 @@ def test_an_upload_survives_killed_workers_redis_loss_and_a_postgres_restart(  #
             parts = queries.parts(session, sa_uuid(upload_id))
         assert upload.status == UploadStatus.COMPLETE, upload.last_error
     finally:
-        for server in (*workers, beat):
+        for server in (*workers, *([beat] if beat else [])):
             server.stop()
-        proxy.close()
-        db.dispose()
-        redis_server.stop()
-        postgres.signal(signal.SIGINT)
-        if postgres.process:
-            postgres.process.wait(30)
-        if postgres.workdir.name.startswith("s3ferry-pg-"):
-            shutil.rmtree(postgres.workdir, ignore_errors=True)
+        if proxy:
+            proxy.close()
+        if db:
+            db.dispose()
+        if redis_server:
+            redis_server.stop()
+        if postgres:
+            postgres.signal(signal.SIGINT)
+            if postgres.process:
+                postgres.process.wait(30)
+            if postgres.workdir.name.startswith("s3ferry-pg-"):
+                shutil.rmtree(postgres.workdir, ignore_errors=True)
 
     assert sha256_of_object(s3, bucket, "chaos.bin") == sha256
     assert len(parts) == PARTS and all(p.status == PartStatus.DONE for p in parts)

@@ -54,12 +54,16 @@ def test_a_worker_killed_mid_part_costs_seconds(  # type: ignore[no-untyped-def]
     sha256 = write_random(source, 16 * 5 * MiB)
     token = uuid.uuid4().hex[:8]  # the doomed worker's node token: its claims are `host:token:pid`
     tag = uuid.uuid4().hex[:4]
-    doomed = services.start_worker(workdir, {**env, "S3FERRY_NODE_TOKEN": token}, f"doomed-{tag}", concurrency=2)
-    others = [services.start_worker(workdir, env, f"other{i}-{tag}", concurrency=2) for i in range(2)]
-    extra = [services.Server(f"beat-{tag}", [str(services.BIN / "s3ferry"), "beat"], workdir, env=env).start()
-             ] if beat else []
-    prefix = f"{socket.gethostname()}:{token}:"
+    started: list[services.Server] = []  # stopped in `finally` as far as they got
     try:
+        doomed = services.start_worker(workdir, {**env, "S3FERRY_NODE_TOKEN": token}, f"doomed-{tag}", concurrency=2)
+        started.append(doomed)
+        for i in range(2):
+            started.append(services.start_worker(workdir, env, f"other{i}-{tag}", concurrency=2))
+        if beat:
+            started.append(services.Server(f"beat-{tag}", [str(services.BIN / "s3ferry"), "beat"], workdir,
+                                           env=env).start())
+        prefix = f"{socket.gethostname()}:{token}:"
         upload_id = submit(env, source, bucket)
         held = _wait_for_claims(db, upload_id, prefix)
         with db.transaction() as session:
@@ -70,7 +74,7 @@ def test_a_worker_killed_mid_part_costs_seconds(  # type: ignore[no-untyped-def]
         landed_again = time.monotonic() - killed
         assert wait_status(db, upload_id, FINISHED, timeout=120) == UploadStatus.COMPLETE
     finally:
-        for server in [doomed, *others, *extra]:
+        for server in started:
             server.stop()
     assert sha256_of_object(s3, bucket, source.name) == sha256
     assert s3.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []

@@ -20,8 +20,10 @@ import sqlalchemy as sa
 
 from models import migrate, queries
 from models.db import Database
+from models.settings import Settings
 from models.states import UploadStatus
 from models.tables import Upload
+from orchestrator import submit as submit_module
 from tests import services
 from tests.conftest import drop_database, sha256_of_object, write_random
 from tests.faults import FlakyProxy
@@ -231,6 +233,7 @@ def test_a_failing_upload_moves_the_queue_on_and_can_be_retried(queue_env, qdb, 
     (["retry", "{complete}"], 2, "cannot be retried: upload {complete} is complete"),
     (["retry", "{cancelled}"], 2, "cannot be retried: upload {cancelled} is cancelled"),
     (["resume", "{cancelled}"], 2, "upload {cancelled} is cancelled; it cannot be resumed"),
+    (["retry", "{paused}"], 2, "upload {paused} is paused, not failed: `s3ferry resume {paused}` continues it"),
     (["cancel", "00000000-0000-0000-0000-000000000009"], 2, "no upload with id 00000000-0000-0000-0000-000000000009"),
     (["pause", "nope"], 2, "'nope' is not a valid upload id"),
     (["priority", "{complete}", "3"], 2, "its priority no longer matters"),
@@ -254,7 +257,7 @@ def test_invalid_operations_change_nothing(queue_env, qdb, finished: dict[str, u
 
 @pytest.fixture(scope="module")
 def finished(queue_env, s3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, uuid.UUID]]:  # type: ignore[no-untyped-def]
-    """A complete upload and a cancelled one."""
+    """A complete upload, a cancelled one and a paused one (no part of either in flight)."""
     folder = tmp_path_factory.mktemp("finished")
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
@@ -268,8 +271,15 @@ def finished(queue_env, s3, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     assert run_cli(["cancel", str(cancelled)], queue_env).returncode == 0
     wait_until(lambda: _counts(db, cancelled).in_flight == 0, timeout=30)  # its last parts are settled
     time.sleep(1)
+    paused_path = folder / "held.bin"
+    write_random(paused_path, 1000)
+    settings = Settings.from_env(queue_env)  # recorded, not started (so nothing of it is in flight), then paused
+    paused = submit_module.record(settings, db, submit_module.validate(settings, str(paused_path),
+                                                                       f"s3://{bucket}/held.bin")).upload_id
+    assert run_cli(["pause", str(paused)], queue_env).returncode == 0
     db.dispose()
-    yield {"complete": complete, "cancelled": cancelled}
+    yield {"complete": complete, "cancelled": cancelled, "paused": paused}
+    assert run_cli(["cancel", str(paused)], queue_env).returncode == 0
     for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
         s3.delete_object(Bucket=bucket, Key=obj["Key"])
     s3.delete_bucket(Bucket=bucket)
