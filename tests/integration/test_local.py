@@ -158,27 +158,39 @@ def test_two_commands_at_once_share_the_folder(local_env, s3, bucket, home: Path
     assert [u.status for u in uploads(home)] == [UploadStatus.COMPLETE] * 2
 
 
-def test_a_command_takes_over_from_one_killed_beside_it(local_env, s3, bucket, home: Path,  # type: ignore[no-untyped-def]
-                                                        tmp_path: Path) -> None:
+def test_a_command_takes_over_from_one_killed_beside_it(local_env, s3, s3_endpoint: str, bucket,  # type: ignore[no-untyped-def]
+                                                        home: Path, tmp_path: Path) -> None:
     big, small = tmp_path / "big.bin", tmp_path / "small.bin"
-    digests = {"big": write_random(big, 300 * MiB), "small": write_random(small, 6 * MiB)}
-    with in_background(["upload", str(big), f"s3://{bucket}/big.bin", "--part-size", "5MiB", "--concurrency", "1"],
-                       local_env, home) as (first, db):
-        wait_until(lambda: _done(db) >= 2, timeout=120)
-        # one file at a time: the second waits, queued, behind the first
-        second = subprocess.Popen([S3FERRY, "upload", str(small), f"s3://{bucket}/small.bin"], env=local_env,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        wait_until(lambda: len(uploads(home)) == 2, timeout=60)
-        first.kill()
-        assert uploads(home)[0].status == UploadStatus.IN_PROGRESS  # killed mid-upload
+    digests = {"big": write_random(big, 60 * MiB), "small": write_random(small, 6 * MiB)}
+    upstream = urlparse(s3_endpoint)
+    proxy = FlakyProxy(upstream.hostname, upstream.port)  # both commands' link: the same AWS settings
+    proxy.limit(1 * MiB)  # the big upload is mid-way while the second command starts, however slow that is
+    env = {**local_env, "AWS_ENDPOINT_URL": proxy.url}
+    second = None
+    try:
+        with in_background(["upload", str(big), f"s3://{bucket}/big.bin", "--part-size", "5MiB",
+                            "--concurrency", "1"], env, home) as (first, db):
+            wait_until(lambda: _done(db) >= 2, timeout=120)
+            # one file at a time: the second waits, queued, behind the first
+            second = subprocess.Popen([S3FERRY, "upload", str(small), f"s3://{bucket}/small.bin"], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            wait_until(lambda: len(uploads(home)) == 2, timeout=60)
+            first.kill()
+            assert uploads(home)[0].status == UploadStatus.IN_PROGRESS  # killed mid-upload
+            proxy.limit(None)
 
-        _, err = second.communicate(timeout=300)
+            _, err = second.communicate(timeout=300)
 
         assert second.returncode == 0, err
         assert "took over from an s3ferry command that died" in err
         assert [u.status for u in uploads(home)] == [UploadStatus.COMPLETE] * 2  # the big one first
         for name in digests:
             assert sha256_of_object(s3, bucket, f"{name}.bin") == digests[name]
+    finally:
+        if second is not None and second.poll() is None:
+            second.kill()
+            second.wait()
+        proxy.close()
 
 
 def test_ctrl_c_stops_the_command_and_the_same_command_resumes(local_env, s3, s3_endpoint: str, bucket,  # type: ignore[no-untyped-def]

@@ -233,7 +233,6 @@ def test_a_failing_upload_moves_the_queue_on_and_can_be_retried(queue_env, qdb, 
     (["retry", "{complete}"], 2, "cannot be retried: upload {complete} is complete"),
     (["retry", "{cancelled}"], 2, "cannot be retried: upload {cancelled} is cancelled"),
     (["resume", "{cancelled}"], 2, "upload {cancelled} is cancelled; it cannot be resumed"),
-    (["retry", "{paused}"], 2, "upload {paused} is paused, not failed: `s3ferry resume {paused}` continues it"),
     (["cancel", "00000000-0000-0000-0000-000000000009"], 2, "no upload with id 00000000-0000-0000-0000-000000000009"),
     (["pause", "nope"], 2, "'nope' is not a valid upload id"),
     (["priority", "{complete}", "3"], 2, "its priority no longer matters"),
@@ -257,7 +256,7 @@ def test_invalid_operations_change_nothing(queue_env, qdb, finished: dict[str, u
 
 @pytest.fixture(scope="module")
 def finished(queue_env, s3, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, uuid.UUID]]:  # type: ignore[no-untyped-def]
-    """A complete upload, a cancelled one and a paused one (no part of either in flight)."""
+    """A complete upload and a cancelled one."""
     folder = tmp_path_factory.mktemp("finished")
     bucket = f"test-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=bucket)
@@ -271,18 +270,32 @@ def finished(queue_env, s3, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     assert run_cli(["cancel", str(cancelled)], queue_env).returncode == 0
     wait_until(lambda: _counts(db, cancelled).in_flight == 0, timeout=30)  # its last parts are settled
     time.sleep(1)
-    paused_path = folder / "held.bin"
-    write_random(paused_path, 1000)
-    settings = Settings.from_env(queue_env)  # recorded, not started (so nothing of it is in flight), then paused
-    paused = submit_module.record(settings, db, submit_module.validate(settings, str(paused_path),
-                                                                       f"s3://{bucket}/held.bin")).upload_id
-    assert run_cli(["pause", str(paused)], queue_env).returncode == 0
     db.dispose()
-    yield {"complete": complete, "cancelled": cancelled, "paused": paused}
-    assert run_cli(["cancel", str(paused)], queue_env).returncode == 0
+    yield {"complete": complete, "cancelled": cancelled}
     for obj in s3.list_objects_v2(Bucket=bucket).get("Contents", []):
         s3.delete_object(Bucket=bucket, Key=obj["Key"])
     s3.delete_bucket(Bucket=bucket)
+
+
+def test_retry_of_a_paused_upload_says_resume_and_changes_nothing(queue_env, qdb, bucket,  # type: ignore[no-untyped-def]
+                                                                 tmp_path: Path) -> None:
+    path = tmp_path / "held.bin"
+    write_random(path, 1000)
+    settings = Settings.from_env(queue_env)  # recorded, not started (nothing of it in flight), then paused
+    paused = submit_module.record(settings, qdb, submit_module.validate(settings, str(path),
+                                                                        f"s3://{bucket}/held.bin")).upload_id
+    try:
+        assert run_cli(["pause", str(paused)], queue_env).returncode == 0
+        before = _events(qdb)
+
+        run = run_cli(["retry", str(paused)], queue_env)
+
+        assert run.returncode == 2
+        assert run.stderr.strip() == (f"s3ferry: error: upload {paused} is paused, not failed: "
+                                      f"`s3ferry resume {paused}` continues it")
+        assert _events(qdb) == before
+    finally:  # nothing of it left for the tests that watch every active upload
+        assert run_cli(["cancel", str(paused)], queue_env).returncode == 0
 
 
 def _events(db: Database) -> int:
@@ -295,14 +308,17 @@ def _counts(db: Database, upload_id: uuid.UUID) -> queries.PartCounts:
         return queries.part_counts(session, upload_id)
 
 
-def test_watch_ls_and_status_show_progress_from_the_database(queue_env, qdb, s3, bucket, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_watch_ls_and_status_show_progress_from_the_database(queue_env, qdb, s3, bucket, link,  # type: ignore[no-untyped-def]
+                                                             tmp_path: Path) -> None:
     path = tmp_path / "watched.bin"
     write_random(path, 30 * MiB)
     upload_id = submit(queue_env, path, bucket)
     wait_until(lambda: _counts(qdb, upload_id).done >= 2)
+    link.hold()  # in progress while it is looked at, however slow the machine
     live = json.loads(run_cli(["status", str(upload_id), "--json"], queue_env).stdout)
     assert live["status"] == "in_progress" and live["rate"] > 0 and live["eta_seconds"] is not None
     assert live["bytes_done"] >= 10 * MiB
+    link.release()
 
     watched = run_cli(["watch", str(upload_id)], queue_env, timeout=120)  # returns when it finishes
 
